@@ -1,0 +1,59 @@
+"""The arguments that decide what a factor or score file holds; they are saved as JSON beside it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from influence.errors import InfluenceError
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+
+
+@dataclass
+class FactorArguments:
+    """How to fit the curvature.
+
+    strategy: identity | diagonal | kfac | ekfac.
+    use_empirical_fisher: use the dataset labels instead of labels sampled from the model (true Fisher).
+    max_examples: fit on at most this many training examples (None: all).
+    use_half_precision: run forward and backward under bf16 autocast (factors are still accumulated in fp32).
+    info: free-form facts about the model and data (checkpoint, dataset size...) checked on reuse.
+    """
+
+    strategy: str = "ekfac"
+    use_empirical_fisher: bool = False
+    max_examples: int | None = None
+    use_half_precision: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise InfluenceError(f"unknown factor strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise InfluenceError(f"max_examples must be a positive number of examples, got {self.max_examples}")
+
+
+@dataclass
+class ScoreArguments:
+    """How to compute scores.
+
+    damping_factor: a number added to Lambda, or None for the heuristic 0.1 * mean(Lambda) per module.
+    use_half_precision: bf16 autocast for forward/backward and bf16 for the pairwise contraction.
+    per_module: also save one score tensor per tracked module (keyed by module name).
+    info: free-form facts about the model and data checked on reuse.
+    """
+
+    damping_factor: float | None = 1e-8
+    use_half_precision: bool = False
+    per_module: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.damping_factor is not None and not self.damping_factor >= 0:
+            raise InfluenceError(f"damping_factor must be >= 0 or None (heuristic), got {self.damping_factor}")
+
+
+def to_dict(arguments: Any) -> dict[str, Any]:
+    return dataclasses.asdict(arguments)

@@ -1,0 +1,140 @@
+"""Hooks that hand each tracked layer's (a, g) to a callback during backward, and per-example gradients.
+
+The callback runs as soon as a layer's output gradient is known, so a step (covariance, Lambda,
+scores) consumes the layer and frees it before the next one arrives: only one layer's a and g are
+expanded at a time. Parameters are frozen while capturing, so autograd computes only the gradients
+with respect to activations (no dW), which is all the engine needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from influence import flops
+from influence.errors import InfluenceError
+from influence.modules import Layer, input_patches, output_gradients
+
+Process = Callable[[Layer, torch.Tensor, torch.Tensor], None]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to `device`; a no-op for data already there."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(value, device) for value in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """G[n] = sum_t g[n, t] a[n, t]^T as [B, out, in']."""
+    batch, positions, in_dim = a.shape
+    flops.add(2 * batch * positions * in_dim * g.shape[2])
+    return torch.bmm(g.transpose(1, 2), a)
+
+
+class Capture:
+    """Context manager: while open, each backward through `model` calls `process(layer, a, g)` per tracked layer.
+
+    `batch_size` is the leading dimension of the current batch, known once the forward pass reached a
+    tracked layer; `keep` (set by the caller) trims a and g to the first `keep` examples.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[Layer], process: Process, dtype: torch.dtype) -> None:
+        self.model, self.layers, self.process, self.dtype = model, layers, process, dtype
+        self.batch_size: int | None = None
+        self.keep: int | None = None
+        self._handles: list[Any] = []
+        self._called: set[str] = set()
+        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> Capture:
+        self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        for param, _ in self._requires_grad:
+            param.requires_grad_(False)
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(layer.module.register_forward_hook(self._make_forward_hook(layer)))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for param, flag in self._requires_grad:
+            param.requires_grad_(flag)
+
+    def new_batch(self) -> None:
+        self.batch_size, self.keep = None, None
+        self._called.clear()
+
+    @staticmethod
+    def _pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        # Parameters are frozen, so the first tracked layer's input must require grad for its output to get one.
+        x = args[0]
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and not x.requires_grad:
+            return (x.detach().requires_grad_(True), *args[1:])
+        return None
+
+    def _make_forward_hook(self, layer: Layer) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+            if not torch.is_grad_enabled():
+                return
+            if layer.name in self._called:
+                raise InfluenceError(
+                    f"module {layer.name!r} ran twice in one forward pass (shared weights), which the engine does "
+                    "not support: leave it out of tracked_modules()"
+                )
+            self._called.add(layer.name)
+            x = args[0].detach()
+            if self.batch_size is None:
+                self.batch_size = x.shape[0]
+            flops.add(4 * output.numel() * layer.module.weight[0].numel())  # forward + input-gradient products
+
+            def on_grad(grad: torch.Tensor) -> None:
+                keep = self.keep if self.keep is not None else x.shape[0]
+                a = input_patches(layer, x[:keep]).to(self.dtype)
+                g = output_gradients(layer, grad[:keep]).to(self.dtype)
+                self.process(layer, a, g)
+
+            output.register_hook(on_grad)
+
+        return hook
+
+
+def backward_batch(
+    capture: Capture,
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[Any, nn.Module], torch.Tensor],
+    half: bool,
+    what: str,
+    limit: int | None = None,
+) -> int:
+    """Forward and backward one batch through `capture`; returns how many of its examples were processed.
+
+    `limit` caps the examples taken from this batch (for a cap on the total).
+    """
+    capture.new_batch()
+    device_type = next(model.parameters()).device.type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if half else nullcontext()
+    with autocast:
+        loss = loss_fn(batch, model)
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise InfluenceError(f"{what} must return a scalar tensor (summed over the batch), got {shape}")
+    if capture.batch_size is None:
+        raise InfluenceError(f"{what} ran no tracked module: does it call the model on the batch?")
+    capture.keep = capture.batch_size if limit is None else min(limit, capture.batch_size)
+    if not loss.requires_grad:
+        raise InfluenceError(f"{what} does not depend on the tracked modules' outputs")
+    loss.backward()
+    return capture.keep

@@ -1,0 +1,99 @@
+"""Fitting the curvature: covariances A and S, their eigendecomposition, and Lambda.
+
+Accumulators keep sums (not means) and their counts, so partial results from several passes or
+processes add up; `finish` divides once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.linalg import blas
+
+from influence import flops
+from influence.capture import per_example_gradient
+from influence.modules import Layer
+from influence.precondition import rotated_gradient
+
+
+def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
+    """total += rows^T rows, filling at least the lower triangle of `total` (symmetrise with `symmetrised`).
+
+    On the CPU, BLAS's symmetric rank-k update does half the work of a general product.
+    """
+    count, dim = rows.shape
+    if total.device.type == "cpu" and total.dtype in (torch.float32, torch.float64):
+        rows = rows.contiguous()
+        update = blas.ssyrk if total.dtype == torch.float32 else blas.dsyrk
+        # rows^T as a Fortran-ordered [dim, count] view, total^T as a Fortran-ordered target: no copies.
+        target = total.numpy().T
+        result = update(1.0, rows.numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
+        if not np.shares_memory(result, target):
+            target[...] = result
+        flops.add(count * dim * (dim + 1))
+    else:
+        total.addmm_(rows.T, rows)
+        flops.add(2 * count * dim * dim)
+
+
+def symmetrised(lower: torch.Tensor) -> torch.Tensor:
+    return torch.tril(lower) + torch.tril(lower, -1).T
+
+
+class CovarianceAccumulator:
+    """Sums of a a^T and g g^T over every row (example x position) of every tracked layer."""
+
+    def __init__(self, layers: list[Layer], dtype: torch.dtype, device: torch.device) -> None:
+        self.activation = {
+            layer.name: torch.zeros(layer.in_dim, layer.in_dim, dtype=dtype, device=device) for layer in layers
+        }
+        self.gradient = {
+            layer.name: torch.zeros(layer.out_dim, layer.out_dim, dtype=dtype, device=device) for layer in layers
+        }
+        self.rows = {layer.name: 0 for layer in layers}
+
+    def update(self, layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
+        syrk_update(self.activation[layer.name], a.reshape(-1, a.shape[-1]))
+        syrk_update(self.gradient[layer.name], g.reshape(-1, g.shape[-1]))
+        self.rows[layer.name] += a.shape[0] * a.shape[1]
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
+        activation = {name: symmetrised(total) / self.rows[name] for name, total in self.activation.items()}
+        gradient = {name: symmetrised(total) / self.rows[name] for name, total in self.gradient.items()}
+        return activation, gradient, dict(self.rows)
+
+
+def eigendecomposition(covariance: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues, eigenvectors) computed in float64, returned in `dtype`."""
+    values, vectors = torch.linalg.eigh(covariance.to(torch.float64))
+    return values.to(dtype), vectors.to(dtype)
+
+
+class LambdaAccumulator:
+    """Sum over examples of the squared per-example gradient, in the eigenbasis (ekfac) or as it is (diagonal)."""
+
+    def __init__(
+        self, layers: list[Layer], dtype: torch.dtype, device: torch.device, eigenvectors: dict | None
+    ) -> None:
+        self.eigenvectors = eigenvectors
+        self.sums = {
+            layer.name: torch.zeros(layer.out_dim, layer.in_dim, dtype=dtype, device=device) for layer in layers
+        }
+        self.examples = {layer.name: 0 for layer in layers}
+
+    def update(self, layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
+        if self.eigenvectors is None:
+            gradient = per_example_gradient(a, g)
+        else:
+            gradient = rotated_gradient(a, g, *self.eigenvectors[layer.name])
+        self.sums[layer.name] += gradient.square().sum(dim=0)
+        flops.add(2 * gradient.numel())
+        self.examples[layer.name] += a.shape[0]
+
+    def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        return {name: total / self.examples[name] for name, total in self.sums.items()}, dict(self.examples)
+
+
+def kfac_lambda(gradient_eigenvalues: torch.Tensor, activation_eigenvalues: torch.Tensor) -> torch.Tensor:
+    """K-FAC's eigenvalues of S (x) A: Lambda[i, j] = l_S[i] * l_A[j]."""
+    return torch.outer(gradient_eigenvalues, activation_eigenvalues)

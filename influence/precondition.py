@@ -1,0 +1,95 @@
+"""(F + d I)^-1 for one layer, in the eigenbasis of its factors, and the rotations it needs.
+
+For ekfac and kfac, F = (Q_S (x) Q_A) diag(Lambda) (Q_S (x) Q_A)^T, so
+P(G) = Q_S [(Q_S^T G Q_A) / (Lambda + d)] Q_A^T. diagonal divides G by (Lambda + d); identity is G.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from influence import flops
+from influence.capture import per_example_gradient
+
+
+def rotated_gradient(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
+    """Q_S^T G[n] Q_A for every example, as [B, out, in'], by the cheaper of two contraction orders.
+
+    (a) form G[n] = g^T a, then rotate it:          B*out*in'*(T + out + in') multiply-adds
+    (b) rotate the T rows of a and g, then form G:  B*T*(in'^2 + out^2 + out*in')
+    (b) wins when positions are few (linear layers, late convolutions); (a) when T is large.
+    """
+    batch, positions, in_dim = a.shape
+    out_dim = g.shape[2]
+    cost_form_then_rotate = out_dim * in_dim * (positions + out_dim + in_dim)
+    cost_rotate_then_form = positions * (in_dim * in_dim + out_dim * out_dim + out_dim * in_dim)
+    if cost_form_then_rotate < cost_rotate_then_form:
+        gradient = per_example_gradient(a, g)
+        flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim))
+        return torch.matmul(q_s.T, gradient) @ q_a
+    flops.add(2 * batch * positions * (in_dim * in_dim + out_dim * out_dim))
+    a_rotated = (a.reshape(-1, in_dim) @ q_a).view(batch, positions, in_dim)
+    g_rotated = (g.reshape(-1, out_dim) @ q_s).view(batch, positions, out_dim)
+    return per_example_gradient(a_rotated, g_rotated)
+
+
+def heuristic_damping(lambda_matrix: torch.Tensor) -> float:
+    return 0.1 * lambda_matrix.mean().item()
+
+
+@dataclass
+class LayerPreconditioner:
+    """(F + d I)^-1 of one layer. `inverse` holds 1 / (Lambda + d) (None for identity)."""
+
+    strategy: str
+    inverse: torch.Tensor | None = None
+    q_a: torch.Tensor | None = None
+    q_s: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, strategy: str, factors: dict[str, torch.Tensor], damping: float | None) -> LayerPreconditioner:
+        if strategy == "identity":
+            return cls(strategy)
+        lambda_matrix = factors["lambda"]
+        d = heuristic_damping(lambda_matrix) if damping is None else damping
+        inverse = 1.0 / (lambda_matrix + d)
+        if strategy == "diagonal":
+            return cls(strategy, inverse)
+        return cls(strategy, inverse, factors["activation_eigenvectors"], factors["gradient_eigenvectors"])
+
+    def apply(self, gradient: torch.Tensor) -> torch.Tensor:
+        """P(G) for a batch of gradients [B, out, in']."""
+        if self.strategy == "identity":
+            return gradient
+        if self.strategy == "diagonal":
+            return gradient * self.inverse
+        batch, out_dim, in_dim = gradient.shape
+        flops.add(4 * batch * out_dim * in_dim * (out_dim + in_dim))
+        rotated = (torch.matmul(self.q_s.T, gradient) @ self.q_a) * self.inverse
+        return torch.matmul(self.q_s, rotated) @ self.q_a.T
+
+    def self_score(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """<P(G[n]), G[n]> for every example, without rotating back: sum((Q_S^T G Q_A)^2 / (Lambda + d))."""
+        if self.strategy in ("kfac", "ekfac"):
+            rotated = rotated_gradient(a, g, self.q_a, self.q_s)
+            flops.add(3 * rotated.numel())
+            return (rotated.square() * self.inverse).sum(dim=(1, 2))
+        if self.strategy == "diagonal":
+            gradient = per_example_gradient(a, g)
+            flops.add(3 * gradient.numel())
+            return (gradient.square() * self.inverse).sum(dim=(1, 2))
+        return squared_gradient_norm(a, g)
+
+
+def squared_gradient_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """||G[n]||_F^2, via position Gram matrices (sum_tt' (g_t.g_t')(a_t.a_t')) when that is cheaper than forming G."""
+    batch, positions, in_dim = a.shape
+    out_dim = g.shape[2]
+    if positions * (in_dim + out_dim) < out_dim * in_dim:
+        flops.add(2 * batch * positions * positions * (in_dim + out_dim))
+        return ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
+    gradient = per_example_gradient(a, g)
+    flops.add(2 * gradient.numel())
+    return gradient.square().sum(dim=(1, 2))

@@ -1,0 +1,51 @@
+"""Wall-clock time per action, synchronised with the device so GPU work is counted where it runs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+_WIDTHS = (29, 21, 21, 21, 21)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Profiler:
+    def __init__(self, enabled: bool, device: torch.device) -> None:
+        self.enabled, self.device = enabled, device
+        self.records: dict[str, list[float]] = {}
+
+    @contextmanager
+    def record(self, action: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.records.setdefault(action, []).append(time.perf_counter() - start)
+
+    def table(self) -> str:
+        """The timing table in the original example's format, longest action first."""
+        total = sum(sum(times) for times in self.records.values())
+        calls = sum(len(times) for times in self.records.values())
+        rule = "-" * 130
+
+        def row(*cells: str) -> str:
+            return "".join(f"|  {cell:<{width}}" for cell, width in zip(cells, _WIDTHS, strict=True)) + "|"
+
+        lines = [rule, row("Action", "Mean duration (s)", "Num calls", "Total time (s)", "Percentage %"), rule]
+        lines += [row("Total", "-", str(calls), f"{total:.5g}", "100 %"), rule]
+        for action, times in sorted(self.records.items(), key=lambda item: -sum(item[1])):
+            spent = sum(times)
+            share = 100 * spent / total if total > 0 else 0.0
+            lines.append(row(action, f"{spent / len(times):.5g}", str(len(times)), f"{spent:.5g}", f"{share:.5g}"))
+        lines.append(rule)
+        return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""The engine against independent float64 computations (tests/reference.py) on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from influence import Analyzer, FactorArguments, ScoreArguments
+from tests.reference import (
+    TinyTask,
+    activations_and_output_gradients,
+    batches,
+    dense_scores,
+    make_model,
+    per_example_gradients,
+    relative_error,
+)
+
+MODELS = ["mlp", "cnn", "seq"]
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
+
+
+def fit(tmp_path, kind, strategy, empirical=True, batch_size=8, task=None):
+    model, x, y = make_model(kind)
+    analyzer = Analyzer("test", model, task or TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    args = FactorArguments(strategy=strategy, use_empirical_fisher=empirical)
+    factors = analyzer.fit_all_factors(strategy, batches(x, y, batch_size), args)
+    return analyzer, model, x, y, factors
+
+
+# ---------------------------------------------------------------------------- gradients and factors
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_per_example_gradients_match_autograd(tmp_path, kind):
+    model, x, y = make_model(kind)
+    task = TinyTask()
+    analyzer = Analyzer("test", model, task, output_dir=tmp_path, disable_tqdm=True)
+    for measurement in (False, True):
+        loss_fn = task.compute_measurement if measurement else task.compute_train_loss
+        reference = per_example_gradients(model, loss_fn, x, y)
+        captured = analyzer.per_example_gradients((x, y), measurement=measurement)
+        assert captured.keys() == reference.keys()
+        for name in reference:
+            assert relative_error(captured[name], reference[name]) < 1e-10, name
+
+
+def test_per_example_gradients_of_dilated_and_same_padded_convolutions(tmp_path):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, dilation=2, padding=2, stride=2),
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(3, 2, (2, 3), padding="same"),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(3),
+    ).double()
+    x, y = torch.randn(6, 2, 9, 9, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model(x)
+    model.eval()
+    task = TinyTask()
+    reference = per_example_gradients(model, task.compute_train_loss, x, y)
+    captured = Analyzer("t", model, task, output_dir=tmp_path, disable_tqdm=True).per_example_gradients((x, y))
+    for name in reference:
+        assert relative_error(captured[name], reference[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("empirical", [True, False])
+def test_covariances_and_eigenbases_match_their_definitions(tmp_path, kind, empirical):
+    analyzer, model, x, y, factors = fit(tmp_path, kind, "ekfac", empirical=empirical, batch_size=7)
+    task = TinyTask()
+
+    def loss(batch, model):
+        return task.compute_train_loss(batch, model, sample=not empirical)
+
+    captured = activations_and_output_gradients(model, loss, x, y)
+    grads = per_example_gradients(model, loss, x, y)
+    for name, (a, g) in captured.items():
+        # the slicing reference itself must reproduce autograd's per-example gradients
+        assert relative_error(torch.einsum("nto,nti->noi", g, a), grads[name]) < 1e-10
+        rows = a.shape[0] * a.shape[1]
+        a_cov = torch.einsum("nti,ntj->ij", a, a) / rows
+        s_cov = torch.einsum("nti,ntj->ij", g, g) / rows
+        assert relative_error(factors["activation_covariance"][name], a_cov) < 1e-12
+        assert relative_error(factors["gradient_covariance"][name], s_cov) < 1e-12
+        for side, cov in (("activation", a_cov), ("gradient", s_cov)):
+            q, values = factors[f"{side}_eigenvectors"][name], factors[f"{side}_eigenvalues"][name]
+            assert relative_error(q @ torch.diag(values) @ q.T, cov) < 1e-10
+            assert relative_error(q.T @ q, torch.eye(len(values), dtype=q.dtype)) < 1e-10
+        rotated = factors["gradient_eigenvectors"][name].T @ grads[name] @ factors["activation_eigenvectors"][name]
+        assert relative_error(factors["lambda_matrix"][name], rotated.square().mean(0)) < 1e-10
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_diagonal_and_kfac_lambda(tmp_path, kind):
+    _, model, x, y, diagonal = fit(tmp_path, kind, "diagonal")
+    grads = per_example_gradients(model, TinyTask().compute_train_loss, x, y)
+    for name, g in grads.items():
+        assert relative_error(diagonal["lambda_matrix"][name], g.square().mean(0)) < 1e-10
+    assert "activation_covariance" not in diagonal
+    _, _, _, _, kfac = fit(tmp_path, kind, "kfac")
+    for name in grads:
+        expected = torch.outer(kfac["gradient_eigenvalues"][name], kfac["activation_eigenvalues"][name])
+        assert relative_error(kfac["lambda_matrix"][name], expected) < 1e-14
+
+
+def test_max_examples_caps_the_fit(tmp_path):
+    model, x, y = make_model("mlp")
+    analyzer = Analyzer("test", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    args = FactorArguments(strategy="diagonal", use_empirical_fisher=True, max_examples=13)
+    factors = analyzer.fit_all_factors("capped", batches(x, y, 5), args)
+    grads = per_example_gradients(model, TinyTask().compute_train_loss, x[:13], y[:13])
+    for name, g in grads.items():
+        assert relative_error(factors["lambda_matrix"][name], g.square().mean(0)) < 1e-10
+    assert analyzer.factor_counts("capped")["examples"] == {name: 13 for name in grads}
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def reference_scores(analyzer, model, x, y, qx, qy, factors, strategy, damping, task=None):
+    task = task or TinyTask()
+    query = per_example_gradients(model, task.compute_measurement, qx, qy)
+    train = per_example_gradients(model, task.compute_train_loss, x, y)
+    return dense_scores(strategy, factors, query, train, damping)
+
+
+def well_conditioned_damping(factors):
+    lambdas = torch.cat([lam.flatten() for lam in factors["lambda_matrix"].values()])
+    return 1e-3 * lambdas.mean().item()
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_pairwise_scores_match_dense_curvature(tmp_path, kind, strategy):
+    analyzer, model, x, y, factors = fit(tmp_path, kind, strategy)
+    damping = 0.0 if strategy == "identity" else well_conditioned_damping(factors)
+    qx, qy = x[:10] + 0.1, y[:10]
+    scores = analyzer.compute_pairwise_scores(
+        "s", strategy, batches(qx, qy, 4), batches(x, y, 8), ScoreArguments(damping_factor=damping, per_module=True)
+    )
+    expected = reference_scores(analyzer, model, x, y, qx, qy, factors, strategy, damping)
+    assert scores["all_modules"].shape == (10, 32)
+    assert scores["all_modules"].dtype == torch.float64
+    assert relative_error(scores["all_modules"], expected) < 1e-8
+    per_module = sum(value for key, value in scores.items() if key != "all_modules")
+    assert relative_error(per_module, scores["all_modules"]) < 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])
+def test_pairwise_scores_at_default_damping(tmp_path, strategy):
+    analyzer, model, x, y, factors = fit(tmp_path, "cnn", strategy)
+    scores = analyzer.compute_pairwise_scores("s", strategy, batches(x[:6], y[:6], 6), batches(x, y, 8))
+    expected = reference_scores(analyzer, model, x, y, x[:6], y[:6], factors, strategy, 1e-8)
+    assert relative_error(scores["all_modules"], expected) < 1e-4
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_heuristic_damping_is_a_tenth_of_mean_lambda(tmp_path, kind):
+    analyzer, model, x, y, factors = fit(tmp_path, kind, "ekfac")
+    scores = analyzer.compute_pairwise_scores(
+        "s", "ekfac", batches(x[:5], y[:5], 5), batches(x, y, 8), ScoreArguments(damping_factor=None)
+    )
+    damping = {name: 0.1 * lam.mean().item() for name, lam in factors["lambda_matrix"].items()}
+    expected = reference_scores(analyzer, model, x, y, x[:5], y[:5], factors, "ekfac", damping)
+    assert relative_error(scores["all_modules"], expected) < 1e-8
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_self_scores_are_the_diagonal_of_loss_pairwise_scores(tmp_path, kind, strategy):
+    task = TinyTask(measure_loss=True)
+    analyzer, model, x, y, factors = fit(tmp_path, kind, strategy, task=task)
+    args = ScoreArguments(damping_factor=None if strategy != "identity" else 1e-8, per_module=True)
+    pairwise = analyzer.compute_pairwise_scores("p", strategy, batches(x, y, 16), batches(x, y, 8), args)
+    self_scores = analyzer.compute_self_scores("s", strategy, batches(x, y, 5), args)
+    assert self_scores["all_modules"].shape == (32,)
+    for key in pairwise:
+        assert relative_error(self_scores[key], torch.diagonal(pairwise[key])) < 1e-10, key
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_scores_do_not_depend_on_batch_sizes(tmp_path, strategy):
+    analyzer, model, x, y, factors = fit(tmp_path, "cnn", strategy)
+    args = ScoreArguments(damping_factor=None)
+    base = analyzer.compute_pairwise_scores("a", strategy, batches(x[:9], y[:9], 9), batches(x, y, 32), args)
+    other = analyzer.compute_pairwise_scores("b", strategy, batches(x[:9], y[:9], 2), batches(x, y, 3), args)
+    assert relative_error(other["all_modules"], base["all_modules"]) < 1e-10
+    self_a = analyzer.compute_self_scores("c", strategy, batches(x, y, 32), args)
+    self_b = analyzer.compute_self_scores("d", strategy, batches(x, y, 1), args)
+    assert relative_error(self_b["all_modules"], self_a["all_modules"]) < 1e-10
+    factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=True)
+    refit = analyzer.fit_all_factors(f"{strategy}_small_batches", batches(x, y, 3), factor_args)
+    for kind, tensors in refit.items():
+        for name, tensor in tensors.items():
+            if "eigenvectors" not in kind:  # eigenvectors are defined up to sign
+                assert relative_error(tensor, factors[kind][name]) < 1e-10, (kind, name)
+
+
+def test_sampled_fisher_is_used_for_factors_but_not_scores(tmp_path):
+    analyzer, model, x, y, factors = fit(tmp_path, "mlp", "diagonal", empirical=False)
+    task = TinyTask()
+    sampled = per_example_gradients(model, lambda b, m: task.compute_train_loss(b, m, sample=True), x, y)
+    for name, g in sampled.items():
+        assert relative_error(factors["lambda_matrix"][name], g.square().mean(0)) < 1e-10
+    scores = analyzer.compute_pairwise_scores("s", "diagonal", batches(x[:4], y[:4], 4), batches(x, y, 8))
+    expected = reference_scores(analyzer, model, x, y, x[:4], y[:4], factors, "diagonal", 1e-8)
+    assert relative_error(scores["all_modules"], expected) < 1e-6
+
+
+def test_tracked_modules_restrict_scores(tmp_path):
+    task = TinyTask(tracked=["4"])
+    analyzer, model, x, y, factors = fit(tmp_path, "mlp", "ekfac", task=task)
+    assert list(factors["lambda_matrix"]) == ["4"]
+    scores = analyzer.compute_pairwise_scores("s", "ekfac", batches(x[:4], y[:4], 4), batches(x, y, 8))
+    query = per_example_gradients(model, task.compute_measurement, x[:4], y[:4])
+    train = per_example_gradients(model, task.compute_train_loss, x, y)
+    expected = dense_scores("ekfac", factors, {"4": query["4"]}, {"4": train["4"]}, 1e-8)
+    assert relative_error(scores["all_modules"], expected) < 1e-6
+
+
+def test_bf16_scores_rank_like_fp32(tmp_path):
+    from scipy.stats import spearmanr
+
+    model, x, y = make_model("cnn", dtype=torch.float32)
+    torch.manual_seed(5)
+    x, y = torch.randn(256, 2, 7, 7), torch.randint(0, 3, (256,))
+    analyzer = Analyzer("bf16", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    data = batches(x, y, 64)
+    results = {}
+    for half in (False, True):
+        name = "ekfac_half" if half else "ekfac"
+        analyzer.fit_all_factors(name, data, FactorArguments(strategy="ekfac", use_half_precision=half))
+        args = ScoreArguments(damping_factor=None, use_half_precision=half)
+        results[half] = analyzer.compute_pairwise_scores(name, name, batches(x[:16], y[:16], 8), data, args)
+    full, half = results[False]["all_modules"], results[True]["all_modules"]
+    assert full.dtype == half.dtype == torch.float32
+    correlations = [spearmanr(full[i].numpy(), half[i].numpy()).statistic for i in range(16)]
+    assert sum(correlations) / len(correlations) > 0.95

@@ -1,0 +1,157 @@
+"""Resuming saved work, refusing mismatched results, atomic writes, and one-sentence errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import influence.storage
+from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments
+from tests.reference import TinyTask, batches, make_model
+
+
+class CountingData:
+    """A re-iterable dataset that counts its passes (and can forbid them)."""
+
+    def __init__(self, items, forbid=False):
+        self.items, self.forbid, self.passes = items, forbid, 0
+
+    def __iter__(self):
+        if self.forbid:
+            raise AssertionError("a pass over the data ran")
+        self.passes += 1
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model, x, y = make_model("cnn")
+    analyzer = Analyzer("test", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    return analyzer, batches(x, y, 8)
+
+
+def test_resume_reuses_factors_without_a_pass(setup):
+    analyzer, data = setup
+    args = FactorArguments(strategy="ekfac")
+    first = analyzer.fit_all_factors("ekfac", CountingData(data), args)
+    again = analyzer.fit_all_factors("ekfac", CountingData(data, forbid=True), args)
+    for kind in first:
+        for name in first[kind]:
+            assert torch.equal(first[kind][name], again[kind][name])
+
+
+def test_resume_finishes_only_the_missing_step(setup):
+    analyzer, data = setup
+    args = FactorArguments(strategy="ekfac")
+    analyzer.fit_all_factors("ekfac", CountingData(data), args)
+    (analyzer.factors_folder("ekfac") / "lambda_matrix.safetensors").unlink()
+    counting = CountingData(data)
+    analyzer.fit_all_factors("ekfac", counting, args)
+    assert counting.passes == 1  # the Lambda pass only; covariances and eigenbases were reused
+
+
+def test_scores_are_reused_without_a_pass(setup):
+    analyzer, data = setup
+    analyzer.fit_all_factors("diagonal", data, FactorArguments(strategy="diagonal"))
+    first = analyzer.compute_self_scores("s", "diagonal", data)
+    again = analyzer.compute_self_scores("s", "diagonal", CountingData(data, forbid=True))
+    assert torch.equal(first["all_modules"], again["all_modules"])
+    assert torch.equal(analyzer.load_self_scores("s")["all_modules"], first["all_modules"])
+
+
+def test_changed_arguments_are_refused_then_overwritten(setup):
+    analyzer, data = setup
+    analyzer.fit_all_factors("f", data, FactorArguments(strategy="diagonal"))
+    changed = FactorArguments(strategy="diagonal", use_empirical_fisher=True)
+    with pytest.raises(InfluenceError, match=r"use_empirical_fisher=False, now use_empirical_fisher=True.*overwrite"):
+        analyzer.fit_all_factors("f", data, changed)
+    analyzer.fit_all_factors("f", data, changed, overwrite_output_dir=True)
+    assert analyzer.load_factor_arguments("f").use_empirical_fisher
+
+    analyzer.compute_self_scores("s", "f", data, ScoreArguments(damping_factor=1e-3))
+    with pytest.raises(InfluenceError, match=r"damping_factor=0.001, now damping_factor=0.01.*overwrite_output_dir"):
+        analyzer.compute_self_scores("s", "f", data, ScoreArguments(damping_factor=1e-2))
+    # Scores remember the factors they were made with: refitting the factors invalidates them.
+    analyzer.fit_all_factors("f", data, FactorArguments(strategy="diagonal"), overwrite_output_dir=True)
+    with pytest.raises(InfluenceError, match="factor_arguments.use_empirical_fisher"):
+        analyzer.compute_self_scores("s", "f", data, ScoreArguments(damping_factor=1e-3))
+
+
+def test_interrupted_save_leaves_no_file(setup, monkeypatch):
+    analyzer, data = setup
+
+    def failing_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(influence.storage, "save_file", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        analyzer.fit_all_factors("f", data, FactorArguments(strategy="kfac"))
+    folder = analyzer.factors_folder("f")
+    assert sorted(path.name for path in folder.iterdir()) == ["factor_arguments.json"]
+    monkeypatch.undo()
+    analyzer.fit_all_factors("f", data, FactorArguments(strategy="kfac"))  # and the rerun completes
+    assert (folder / "lambda_matrix.safetensors").exists()
+
+
+def test_unknown_strategy():
+    with pytest.raises(InfluenceError, match="unknown factor strategy 'ekfca': choose one of identity"):
+        FactorArguments(strategy="ekfca")
+
+
+def test_model_without_trackable_layers(tmp_path):
+    with pytest.raises(InfluenceError, match=r"no nn.Linear or nn.Conv2d module to track"):
+        Analyzer("t", nn.Sequential(nn.BatchNorm1d(3)), TinyTask(), output_dir=tmp_path)
+    with pytest.raises(InfluenceError, match=r"'1' is a Tanh; only nn.Linear and nn.Conv2d"):
+        Analyzer("t", make_model("mlp")[0], TinyTask(tracked=["1"]), output_dir=tmp_path)
+
+
+def test_grouped_convolution_is_refused_by_name(tmp_path):
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(InfluenceError, match=r"module '0' is a grouped convolution"):
+        Analyzer("t", model, TinyTask(), output_dir=tmp_path)
+
+
+def test_scores_before_factors(setup):
+    analyzer, data = setup
+    with pytest.raises(InfluenceError, match=r"no factors named 'ekfac' .*fit them first"):
+        analyzer.compute_pairwise_scores("s", "ekfac", data, data)
+
+
+def test_non_scalar_measurement(setup):
+    analyzer, data = setup
+    analyzer.fit_all_factors("identity", data, FactorArguments(strategy="identity"))
+
+    class VectorTask(TinyTask):
+        def compute_measurement(self, batch, model):
+            return model(batch[0]).sum(dim=1)
+
+    analyzer.task = VectorTask()
+    with pytest.raises(InfluenceError, match=r"compute_measurement must return a scalar tensor .* got \(8,\)"):
+        analyzer.compute_pairwise_scores("s", "identity", data, data)
+
+
+def test_weight_sharing_is_refused(tmp_path):
+    layer = nn.Linear(3, 3)
+    model = nn.Sequential(layer, nn.Tanh(), layer).double()
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 3, (4,))
+    analyzer = Analyzer("t", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    with pytest.raises(InfluenceError, match="ran twice in one forward pass"):
+        analyzer.fit_all_factors("f", [(x, y)], FactorArguments(strategy="diagonal"))
+
+
+def test_profile_table_has_the_original_rows(setup):
+    analyzer, data = setup
+    analyzer.profiler.enabled = True
+    analyzer.fit_all_factors("ekfac", data, FactorArguments(strategy="ekfac"))
+    analyzer.compute_pairwise_scores("s", "ekfac", data[:1], data)
+    table = analyzer.profiler.table()
+    for action in ("Total", "Fit Covariance", "Perform Eigendecomposition", "Fit Lambda", "Compute Pairwise Score",
+                   "Save Pairwise Score", "Save Covariance", "Load All Factors"):
+        assert f"|  {action} " in table
+    assert table.splitlines()[1].startswith("|  Action                       |  Mean duration (s)    |")
