@@ -159,9 +159,7 @@ class Analyzer:
         if overwrite_output_dir:
             clear_folder(folder)
         module_names = [layer.name for layer in self.layers]
-        check_arguments(
-            folder, FACTOR_ARGUMENTS, {**to_dict(args), "modules": module_names}, "factors"
-        )
+        check_arguments(folder, FACTOR_ARGUMENTS, {**to_dict(args), "modules": module_names}, "factors")
         eigen, fit_lambda = _needs(args.strategy)
         if eigen:
             self._fit_covariance(folder, dataset, args)
@@ -418,6 +416,13 @@ class Analyzer:
         with self.profiler.record("Save Self-Influence Score"):
             save_tensors(path, scores)
         return scores
+
+    def load_score_arguments(self, scores_name: str) -> dict[str, Any]:
+        """The arguments recorded with saved scores (as in score_arguments.json)."""
+        path = self.scores_folder(scores_name) / SCORE_ARGUMENTS
+        if not path.exists():
+            raise InfluenceError(f"no scores named {scores_name!r} in {path.parent}: compute them first")
+        return json.loads(path.read_text())
 
     def load_pairwise_scores(self, scores_name: str) -> dict[str, torch.Tensor]:
         return self._load_scores(scores_name, PAIRWISE_SCORES)

@@ -1,4 +1,4 @@
-"""Wall-clock time per action, synchronised with the device so GPU work is counted where it runs."""
+"""Wall-clock time (and counted FLOPs) per action, synchronised with the device so GPU work is timed where it runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+from influence import flops
 
 _WIDTHS = (29, 21, 21, 21, 21)
 
@@ -20,6 +22,7 @@ class Profiler:
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled, self.device = enabled, device
         self.records: dict[str, list[float]] = {}
+        self.flops: dict[str, int] = {}
 
     @contextmanager
     def record(self, action: str) -> Iterator[None]:
@@ -27,10 +30,11 @@ class Profiler:
             yield
             return
         synchronize(self.device)
-        start = time.perf_counter()
+        start, counted = time.perf_counter(), flops.read()
         yield
         synchronize(self.device)
         self.records.setdefault(action, []).append(time.perf_counter() - start)
+        self.flops[action] = self.flops.get(action, 0) + flops.read() - counted
 
     def table(self) -> str:
         """The timing table in the original example's format, longest action first."""

@@ -139,7 +139,10 @@ def activations_and_output_gradients(model, loss_fn, x, y) -> dict[str, tuple[to
     result = {}
     for name, m in modules.items():
         grad = outputs[name].grad
-        g = grad.flatten(2).transpose(1, 2) if isinstance(m, nn.Conv2d) else grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        if isinstance(m, nn.Conv2d):
+            g = grad.flatten(2).transpose(1, 2)
+        else:
+            g = grad.reshape(grad.shape[0], -1, grad.shape[-1])
         result[name] = (patches_by_slicing(m, inputs[name]), g)
     return result
 

@@ -151,7 +151,15 @@ def test_profile_table_has_the_original_rows(setup):
     analyzer.fit_all_factors("ekfac", data, FactorArguments(strategy="ekfac"))
     analyzer.compute_pairwise_scores("s", "ekfac", data[:1], data)
     table = analyzer.profiler.table()
-    for action in ("Total", "Fit Covariance", "Perform Eigendecomposition", "Fit Lambda", "Compute Pairwise Score",
-                   "Save Pairwise Score", "Save Covariance", "Load All Factors"):
+    for action in (
+        "Total",
+        "Fit Covariance",
+        "Perform Eigendecomposition",
+        "Fit Lambda",
+        "Compute Pairwise Score",
+        "Save Pairwise Score",
+        "Save Covariance",
+        "Load All Factors",
+    ):
         assert f"|  {action} " in table
     assert table.splitlines()[1].startswith("|  Action                       |  Mean duration (s)    |")

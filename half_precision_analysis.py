@@ -1,0 +1,83 @@
+"""Check that bf16 pairwise scores rank training examples like the fp32 ones.
+
+Reads influence_results/cifar10/scores_<strategy>/ and scores_<strategy>_half/ (made by analyze.py with and
+without --use_half_precision), prints the mean, lowest and highest per-query Spearman correlation, and
+draws figure/half_precision.png: bf16 against fp32 scores of one query.
+
+    python half_precision_analysis.py [--factor_strategy ekfac] [--query_index 0]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import rankdata
+
+from influence.storage import load_tensors
+from pipeline import STRATEGIES, ArgumentParser, PipelineError, run_cli, save_figure
+
+
+def parse_args():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output_dir", default="./influence_results", help="where analyze.py saved its scores")
+    parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES)
+    parser.add_argument("--query_index", type=int, default=0, help="query whose scores are drawn")
+    parser.add_argument("--figure", default="figure/half_precision.png", help="where to draw the scatter plot")
+    return parser.parse_args()
+
+
+def load_scores(output_dir: str, name: str) -> np.ndarray:
+    path = Path(output_dir) / "cifar10" / f"scores_{name}" / "pairwise_scores.safetensors"
+    if not path.exists():
+        half = " --use_half_precision" if name.endswith("_half") else ""
+        strategy = name.removesuffix("_half")
+        raise PipelineError(f"no scores at {path}: run python analyze.py --factor_strategy {strategy}{half} first")
+    return load_tensors(path)["all_modules"].numpy()
+
+
+def spearman_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of a with the same row of b (Pearson of the ranks)."""
+    ra = rankdata(a, axis=1)
+    rb = rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    return (ra * rb).sum(1) / np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+
+
+def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.scatter(full, half, s=4, alpha=0.5, edgecolors="none")
+    low, high = min(full.min(), half.min()), max(full.max(), half.max())
+    ax.plot([low, high], [low, high], color="gray", linewidth=0.8, linestyle="--", label="y = x")
+    ax.set_xlabel("fp32 influence score")
+    ax.set_ylabel("bf16 influence score")
+    ax.set_title(f"Query {query}: Spearman {correlation:.3f}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    args = parse_args()
+    full = load_scores(args.output_dir, args.factor_strategy)
+    half = load_scores(args.output_dir, f"{args.factor_strategy}_half")
+    if full.shape != half.shape:
+        raise PipelineError(f"fp32 scores are {full.shape} but bf16 scores are {half.shape}: rerun with the same sizes")
+    if not 0 <= args.query_index < full.shape[0]:
+        raise PipelineError(f"--query_index must be below {full.shape[0]}")
+    correlations = spearman_per_row(full, half)
+    print(f"Per-query Spearman correlation of bf16 with fp32 scores over {full.shape[0]} queries:")
+    print(f"  mean {correlations.mean():.4f}   lowest {correlations.min():.4f}   highest {correlations.max():.4f}")
+    query = args.query_index
+    draw(full[query], half[query], correlations[query], query, Path(args.figure))
+    print(f"Figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

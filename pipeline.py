@@ -1,0 +1,570 @@
+"""Shared pieces of the CIFAR-10 / ResNet-9 scripts: data, model, task, checkpoints, command-line errors.
+
+Not run directly; imported by train.py, analyze.py and the other scripts:
+
+    from pipeline import get_cifar10, TensorBatches, construct_resnet9, ClassificationTask
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import pickle
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from influence import STRATEGIES, FactorArguments, ScoreArguments
+from influence.task import Task
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.247, 0.243, 0.261)
+NUM_CLASSES = 10
+NUM_CIFAR_TRAIN = 50_000
+BATCHES_FOLDER = "cifar-10-batches-py"
+SPLITS = ("train", "eval_train", "valid")
+MAKE_DATA_HINT = f"python ../shared/cifar10/make_cifar10.py ./data, or copy {BATCHES_FOLDER}/ into the dataset dir"
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (missing data, bad flag, missing checkpoint); printed as one line by run_cli."""
+
+
+def get_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---- Command line ----
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage dump), like every other error here."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(), turning expected errors into `error: ...` on stderr and exit status 2."""
+    expected: tuple[type[BaseException], ...] = (PipelineError,)
+    # Imported lazily: the engine may not define (or may not yet have) an error class of its own.
+    try:
+        from influence import InfluenceError  # type: ignore[attr-defined]
+
+        expected = (PipelineError, InfluenceError)
+    except ImportError:
+        pass
+    try:
+        main()
+    except expected as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+# ---- Model ----
+
+
+def conv_bn(c_in: int, c_out: int, kernel_size: int = 3, stride: int = 1, padding: int = 1) -> nn.Module:
+    # Inplace ReLU only ever overwrites BatchNorm's output, never a Conv2d's input or output, so the
+    # influence engine's hooks on convolutions see untouched tensors.
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Mul(nn.Module):
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+class Flatten(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.size(0), -1)
+
+
+class Residual(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.module(x)
+
+
+def construct_resnet9() -> nn.Module:
+    """ResNet-9 with the original example's module tree, so state_dict keys (and checkpoints) interchange."""
+    return nn.Sequential(
+        conv_bn(3, 64, kernel_size=3, stride=1, padding=1),
+        conv_bn(64, 128, kernel_size=5, stride=2, padding=2),
+        Residual(nn.Sequential(conv_bn(128, 128), conv_bn(128, 128))),
+        conv_bn(128, 256, kernel_size=3, stride=1, padding=1),
+        nn.MaxPool2d(2),
+        Residual(nn.Sequential(conv_bn(256, 256), conv_bn(256, 256))),
+        conv_bn(256, 128, kernel_size=3, stride=1, padding=0),
+        nn.AdaptiveMaxPool2d((1, 1)),
+        Flatten(),
+        nn.Linear(128, NUM_CLASSES, bias=False),
+        Mul(0.2),
+    )
+
+
+# ---- Checkpoints ----
+
+
+def checkpoint_path(
+    checkpoint_dir: str | Path, corrupt_percentage: float | None = None, noisy_labels_key: str | None = None
+) -> Path:
+    """model.safetensors; model_corrupt_{p}.safetensors (p as given, e.g. 0.1); model_noisy_{key}.safetensors."""
+    if corrupt_percentage is not None and noisy_labels_key is not None:
+        raise PipelineError("--corrupt_percentage and --noisy_labels cannot be combined")
+    if corrupt_percentage is not None:
+        return Path(checkpoint_dir) / f"model_corrupt_{corrupt_percentage}.safetensors"
+    if noisy_labels_key is not None:
+        return Path(checkpoint_dir) / f"model_noisy_{noisy_labels_key}.safetensors"
+    return Path(checkpoint_dir) / "model.safetensors"
+
+
+def save_model(model: nn.Module, path: str | Path) -> None:
+    """Write the state_dict whole or not at all: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model(path: str | Path, device: torch.device | str | None = None) -> nn.Module:
+    """A ResNet-9 with the checkpoint's weights, on `device`, in eval mode."""
+    path = Path(path)
+    device = torch.device(device) if device is not None else get_device()
+    if not path.is_file():
+        raise PipelineError(
+            f"no checkpoint at {path}: run train.py first "
+            f"(python train.py --dataset_dir ./data --checkpoint_dir {path.parent})"
+        )
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise PipelineError(f"cannot read checkpoint {path}: {e}") from e
+    model = construct_resnet9()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise PipelineError(f"checkpoint {path} does not fit ResNet-9: {first}") from e
+    return model.to(device).eval()
+
+
+# ---- Data: files ----
+
+
+def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    # The official CIFAR-10 python format is a pickle; these batch files are the only pickles the project reads.
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+        # The official (Python 2) pickles have bytes keys; copies written by Python 3 have str keys.
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        data = np.asarray(entry["data"], dtype=np.uint8)
+        labels = np.asarray(entry["labels"], dtype=np.int64)
+    except FileNotFoundError as e:
+        raise PipelineError(f"missing {path}; to make the data: {MAKE_DATA_HINT}") from e
+    except Exception as e:  # truncated file, wrong format, missing keys
+        raise PipelineError(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {e})") from e
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise PipelineError(f"unexpected CIFAR-10 batch layout in {path}: data {data.shape}, {len(labels)} labels")
+    return data, labels
+
+
+def load_cifar10_arrays(dataset_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, 3, 32, 32] and int64 labels [N] from {dataset_dir}/cifar-10-batches-py, read as they are.
+
+    There is deliberately no md5 check: offline copies (JPEG-derived) differ slightly from the official bytes.
+    Only when the folder is missing do we ask torchvision to download it.
+    """
+    folder = Path(dataset_dir) / BATCHES_FOLDER
+    if not folder.is_dir():
+        try:
+            import torchvision
+
+            torchvision.datasets.CIFAR10(root=str(dataset_dir), train=train, download=True)
+        except Exception as e:
+            raise PipelineError(
+                f"no CIFAR-10 at {folder} and the download failed ({type(e).__name__}); "
+                f"to make it offline: {MAKE_DATA_HINT}"
+            ) from e
+    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
+    parts = [_unpickle_batch(folder / name) for name in names]
+    images = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([p[1] for p in parts])
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise PipelineError(f"labels outside 0..{NUM_CLASSES - 1} in {folder}")
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def load_noisy_labels(path: str | Path, key: str) -> torch.Tensor:
+    """int64 labels stored under `key` in an .npz (e.g. CIFAR-10N's aggre_label), in training order."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"no noisy-label file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if key not in npz.files:
+                raise PipelineError(f"no key {key!r} in {path}; available: {', '.join(npz.files)}")
+            labels = npz[key]
+    except PipelineError:
+        raise
+    except Exception as e:
+        raise PipelineError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from e
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise PipelineError(f"{path}[{key!r}] is not a 1-D integer array (shape {labels.shape}, {labels.dtype})")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise PipelineError(f"{path}[{key!r}] has labels outside 0..{NUM_CLASSES - 1}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+# ---- Data: label corruption ----
+
+
+def num_corrupted(num_examples: int, corrupt_percentage: float) -> int:
+    # round() first, so that e.g. 0.07 * 100 = 7.000000000000001 counts 7 examples, not 8.
+    return math.ceil(round(corrupt_percentage * num_examples, 6))
+
+
+def corrupt_labels(labels: torch.Tensor, corrupt_percentage: float) -> torch.Tensor:
+    """A copy of `labels` whose first ceil(p * N) entries are replaced by a different class, deterministically.
+
+    new = randint(0, 10) from a generator seeded 0; where new equals the old label, add randint(1, 9) drawn
+    from a fresh generator seeded 0 over just those positions, modulo 10 (so it can never come back).
+    """
+    if not 0.0 <= corrupt_percentage <= 1.0:
+        raise PipelineError(f"corrupt_percentage must be between 0 and 1, got {corrupt_percentage}")
+    labels = labels.to(torch.int64)
+    k = num_corrupted(len(labels), corrupt_percentage)
+    old = labels[:k].cpu()
+    new = torch.randint(0, NUM_CLASSES, (k,), generator=torch.Generator().manual_seed(0))
+    same = new == old
+    shift = torch.randint(1, NUM_CLASSES - 1, (int(same.sum()),), generator=torch.Generator().manual_seed(0))
+    new[same] = (new[same] + shift) % NUM_CLASSES
+    out = labels.clone()
+    out[:k] = new.to(labels.device)
+    return out
+
+
+# ---- Data: on the device ----
+
+
+@dataclass
+class CifarData:
+    """One split kept whole on the device: uint8 images [N, 3, 32, 32], int64 labels (possibly changed)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    clean_labels: torch.Tensor
+    split: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def changed(self) -> torch.Tensor:
+        """Bool mask of the examples whose label differs from the official one."""
+        return self.labels != self.clean_labels
+
+    def subset(self, n: int | None) -> CifarData:
+        """The first n examples (all when n is None). For train splits prefer get_cifar10(num_train=...),
+        which applies corruption after truncation."""
+        if n is None:
+            return self
+        if not 1 <= n <= len(self):
+            raise PipelineError(f"asked for {n} {self.split} examples; there are {len(self)}")
+        return CifarData(self.images[:n], self.labels[:n], self.clean_labels[:n], self.split)
+
+
+def get_cifar10(
+    dataset_dir: str | Path,
+    split: str,
+    num_train: int | None = None,
+    corrupt_percentage: float | None = None,
+    noisy_labels: str | Path | None = None,
+    noisy_labels_key: str = "aggre_label",
+    device: torch.device | str | None = None,
+) -> CifarData:
+    """A split ("train", "eval_train": training images; "valid": test images) on the device.
+
+    For the train splits, the first `num_train` examples are kept, and only then are labels changed:
+    either corrupted (first ceil(p * num_train)) or replaced by human noisy labels from an .npz.
+    "train" and "eval_train" hold the same data; augmentation is TensorBatches' business.
+    """
+    if split not in SPLITS:
+        raise PipelineError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    device = torch.device(device) if device is not None else get_device()
+    is_train = split != "valid"
+    if not is_train and (num_train is not None or corrupt_percentage is not None or noisy_labels is not None):
+        raise PipelineError("num_train, corrupt_percentage and noisy_labels apply to train splits; use .subset(n)")
+    if corrupt_percentage is not None and noisy_labels is not None:
+        raise PipelineError("--corrupt_percentage and --noisy_labels cannot be combined")
+    if corrupt_percentage is not None and not 0.0 <= corrupt_percentage <= 1.0:
+        raise PipelineError(f"--corrupt_percentage must be between 0 and 1, got {corrupt_percentage}")
+
+    images, clean = load_cifar10_arrays(dataset_dir, train=is_train)
+    labels = clean
+    if noisy_labels is not None:
+        labels = load_noisy_labels(noisy_labels, noisy_labels_key)
+        if len(labels) != len(clean):
+            raise PipelineError(
+                f"{noisy_labels}[{noisy_labels_key!r}] has {len(labels)} labels; the training set has {len(clean)}"
+            )
+    if num_train is not None:
+        if not 1 <= num_train <= len(clean):
+            raise PipelineError(f"--num_train must be between 1 and {len(clean)}, got {num_train}")
+        images, clean, labels = images[:num_train], clean[:num_train], labels[:num_train]
+    if corrupt_percentage is not None:
+        labels = corrupt_labels(clean, corrupt_percentage)
+    return CifarData(images.to(device), labels.to(device), clean.to(device), split)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32, scaled to [0, 1] then standardised per channel."""
+    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random 32x32 crop of the zero-padded images and a random horizontal flip, for the whole batch at once.
+
+    Offsets and flips are drawn on the CPU generator (same draws on any device); one gather does both the
+    crop and the flip, by reading the columns of a flipped image in reverse order.
+    """
+    b, _, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))  # zeros = black, as with padding PIL images
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+    ar_h = torch.arange(h, device=images.device)
+    ar_w = torch.arange(w, device=images.device)
+    rows = dy[:, None] + ar_h  # [B, H]
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # [B, W]
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    # Indexing the channels-last view gives [B, H, W, C]; permute back to [B, C, H, W].
+    crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return crops.permute(0, 3, 1, 2).contiguous()
+
+
+class TensorBatches:
+    """Re-iterable batches over data already on the device, yielding (normalised float images, labels).
+
+    Replaces a DataLoader (no workers, no per-image Python). Each iteration is one epoch: with shuffle or
+    augment, its randomness comes from a generator seeded `seed + epoch`, so runs are reproducible;
+    without them, iterating twice gives the same batches.
+    """
+
+    def __init__(
+        self,
+        data: CifarData,
+        batch_size: int,
+        shuffle: bool = False,
+        augment: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+    ):
+        if batch_size < 1:
+            raise PipelineError(f"batch size must be positive, got {batch_size}")
+        self.images, self.labels = data.images, data.labels
+        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        n = len(self.labels)
+        order = torch.randperm(n, generator=gen).to(self.labels.device) if self.shuffle else None
+        for i in range(len(self)):
+            lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            if order is None:
+                x, y = self.images[lo:hi], self.labels[lo:hi]
+            else:
+                idx = order[lo:hi]
+                x, y = self.images[idx], self.labels[idx]
+            if self.augment:
+                x = random_crop_flip(x, gen)
+            yield normalize(x), y
+
+
+# ---- Task ----
+
+
+class ClassificationTask(Task):
+    """Summed cross-entropy for training; minus the summed margin for queries."""
+
+    def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        if sample:
+            # The "true Fisher": labels drawn from the model's own predictive distribution.
+            with torch.no_grad():
+                probs = torch.softmax(logits.detach().float(), dim=-1)
+                y = torch.multinomial(probs, num_samples=1).flatten()
+        return F.cross_entropy(logits, y, reduction="sum")
+
+    def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        rows = torch.arange(len(y), device=logits.device)
+        correct = logits[rows, y]
+        others = logits.clone()
+        others[rows, y] = -torch.inf
+        margins = correct - others.logsumexp(dim=-1)
+        return -margins.sum()
+
+    def tracked_modules(self) -> list[str] | None:
+        return None
+
+
+# ---- Evaluation ----
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: TensorBatches) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over all batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for x, y in batches:
+        logits = model(x).float()
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(dim=-1) == y).sum().item()
+        count += len(y)
+    model.train(was_training)
+    return total_loss / max(count, 1), correct / max(count, 1)
+
+
+# ---- Influence runs: flags and settings shared by analyze.py and detect_mislabeled_dataset.py ----
+
+
+def add_influence_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--factor_strategy",
+        default="ekfac",
+        choices=STRATEGIES,
+        help="curvature used to precondition gradients (default: ekfac)",
+    )
+    parser.add_argument(
+        "--use_half_precision",
+        action="store_true",
+        help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half)",
+    )
+    parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
+    parser.add_argument(
+        "--num_train", type=int, default=None, help="use the first N training examples (default: all 50,000)"
+    )
+    parser.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=512,
+        help="training examples per forward/backward in the influence passes (default: 512)",
+    )
+    parser.add_argument("--output_dir", default="./influence_results", help="where factors and scores are saved")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="recompute factors and scores even if saved ones exist"
+    )
+    parser.add_argument(
+        "--damping_factor",
+        type=parse_damping,
+        default=1e-8,
+        help="number added to the curvature eigenvalues, or 'heuristic' for 0.1 * mean(Lambda)",
+    )
+    parser.add_argument(
+        "--use_empirical_fisher",
+        action="store_true",
+        help="fit factors with the dataset labels instead of labels sampled from the model",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the label sampling for the true Fisher")
+
+
+def parse_damping(text: str) -> float | None:
+    if text == "heuristic":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'heuristic', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"damping must be >= 0, got {text}")
+    return value
+
+
+def results_name(strategy: str, half: bool, prefix: str = "") -> str:
+    """Factors and scores are named after the strategy, with _half for bf16 (scores_ekfac, scores_ekfac_half)."""
+    return f"{prefix}{strategy}{'_half' if half else ''}"
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a checkpoint, so results made with other weights are never silently reused."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def influence_arguments(args: argparse.Namespace, info: dict) -> tuple[FactorArguments, ScoreArguments]:
+    factors = FactorArguments(
+        strategy=args.factor_strategy,
+        use_empirical_fisher=args.use_empirical_fisher,
+        use_half_precision=args.use_half_precision,
+        info=info,
+    )
+    scores = ScoreArguments(damping_factor=args.damping_factor, use_half_precision=args.use_half_precision, info=info)
+    return factors, scores
+
+
+# ---- Figures ----
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Save a matplotlib figure whole or not at all, creating its folder."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=150)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)

@@ -1,0 +1,97 @@
+"""Picture the training images that most help and most harm a few test queries.
+
+Reads the pairwise scores analyze.py saved (influence_results/cifar10/scores_<strategy>) and draws, for each
+chosen query, the query image, its top-k most helpful (highest score) and most harmful (lowest score)
+training images with their labels and scores, into figure/top_influential.png.
+
+    python top_influential.py --dataset_dir ./data [--factor_strategy ekfac] [--queries 0 1 2 3] [--top_k 5]
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from influence.storage import load_tensors
+from pipeline import STRATEGIES, ArgumentParser, PipelineError, get_cifar10, run_cli, save_figure
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def parse_args():
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/")
+    parser.add_argument("--output_dir", default="./influence_results", help="where analyze.py saved its scores")
+    parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES)
+    parser.add_argument("--use_half_precision", action="store_true", help="read the bf16 scores")
+    parser.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2, 3], help="query indices to show")
+    parser.add_argument("--top_k", type=int, default=5, help="helpful and harmful images per query")
+    parser.add_argument("--figure", default="figure/top_influential.png", help="where to draw the picture")
+    return parser.parse_args()
+
+
+def draw(rows: list[dict], path: Path, top_k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = 1 + 2 * top_k
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.25 * columns, 1.55 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        cells = [("query", row["query"], row["query_label"], None)]
+        cells += [("helpful", img, lab, s) for img, lab, s in row["helpful"]]
+        cells += [("harmful", img, lab, s) for img, lab, s in row["harmful"]]
+        for c, (kind, image, label, score) in enumerate(cells):
+            ax = axes[r, c]
+            ax.imshow(image.permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            color = {"query": "black", "helpful": "tab:green", "harmful": "tab:red"}[kind]
+            text = CLASSES[label] if score is None else f"{CLASSES[label]}\n{score:.3g}"
+            ax.set_xlabel(text, fontsize=7, color=color)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color)
+                spine.set_linewidth(2 if kind == "query" else 1)
+            if r == 0:
+                title = {"query": "Query", "helpful": "Most helpful", "harmful": "Most harmful"}[kind]
+                if kind == "query" or c in (1, 1 + top_k):
+                    ax.set_title(title, fontsize=8, loc="left")
+    fig.suptitle(
+        "Most influential training images per test query (score = influence on the query's margin)", fontsize=9
+    )
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    args = parse_args()
+    name = f"{args.factor_strategy}{'_half' if args.use_half_precision else ''}"
+    folder = Path(args.output_dir) / "cifar10" / f"scores_{name}"
+    if not (folder / "pairwise_scores.safetensors").exists():
+        hint = f"python analyze.py --factor_strategy {args.factor_strategy}"
+        raise PipelineError(f"no scores in {folder}: run {hint} first")
+    scores = load_tensors(folder / "pairwise_scores.safetensors")["all_modules"]
+    info = json.loads((folder / "score_arguments.json").read_text())["info"]
+    train = get_cifar10(args.dataset_dir, "eval_train", num_train=info["num_train"], device="cpu")
+    queries = get_cifar10(args.dataset_dir, "valid", device="cpu").subset(info["num_queries"])
+    bad = [q for q in args.queries if not 0 <= q < scores.shape[0]]
+    if bad:
+        raise PipelineError(f"query indices {bad} are outside the {scores.shape[0]} scored queries")
+    k = min(args.top_k, scores.shape[1])
+    rows = []
+    for q in args.queries:
+        order = torch.argsort(scores[q], descending=True)
+        chosen = {"helpful": order[:k], "harmful": order.flip(0)[:k]}
+        row = {"query": queries.images[q], "query_label": int(queries.labels[q])}
+        for kind, indices in chosen.items():
+            row[kind] = [(train.images[i], int(train.labels[i]), scores[q, i].item()) for i in indices.tolist()]
+        rows.append(row)
+    draw(rows, Path(args.figure), k)
+    print(f"Figure: {args.figure}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

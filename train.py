@@ -1,0 +1,161 @@
+"""Train ResNet-9 on CIFAR-10 and save a safetensors checkpoint.
+
+Full run (the original example's settings; a GPU makes it take minutes):
+
+    python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
+        --train_batch_size 512 --eval_batch_size 1024 --learning_rate 0.4 --weight_decay 0.001 \
+        --num_train_epochs 25 --seed 1004 [--corrupt_percentage 0.1]
+
+CPU-sized run:
+
+    python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
+        --num_train 5000 --num_train_epochs 10 --corrupt_percentage 0.1
+
+Writes {checkpoint_dir}/model.safetensors, model_corrupt_{p}.safetensors with --corrupt_percentage p, or
+model_noisy_{key}.safetensors with --noisy_labels. An existing checkpoint of the same name is overwritten.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import (
+    ArgumentParser,
+    PipelineError,
+    TensorBatches,
+    checkpoint_path,
+    construct_resnet9,
+    evaluate,
+    get_cifar10,
+    get_device,
+    run_cli,
+    save_model,
+)
+
+# Fraction of training at which the learning rate peaks (epoch 5 of the original 25).
+WARMUP_FRACTION = 0.2
+
+
+# ---- Arguments ----
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Train ResNet-9 on CIFAR-10.")
+    parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default: ./data)")
+    parser.add_argument("--checkpoint_dir", default="./checkpoints", help="created if missing (default: ./checkpoints)")
+    parser.add_argument("--train_batch_size", type=int, default=512)
+    parser.add_argument("--eval_batch_size", type=int, default=1024)
+    parser.add_argument("--learning_rate", type=float, default=0.4, help="peak learning rate (default: 0.4)")
+    parser.add_argument("--weight_decay", type=float, default=0.001)
+    parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0, plain SGD)")
+    parser.add_argument("--num_train_epochs", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=1004)
+    parser.add_argument(
+        "--num_train", type=int, default=None, help="train on the first N training examples (default: all 50,000)"
+    )
+    parser.add_argument(
+        "--corrupt_percentage",
+        type=float,
+        default=None,
+        help="give the first ceil(p*N) examples a wrong label; saves model_corrupt_{p}.safetensors",
+    )
+    parser.add_argument(
+        "--noisy_labels",
+        default=None,
+        metavar="FILE.npz",
+        help="train on human labels from an .npz (e.g. ../shared/cifar10/cifar10n_train_labels.npz); "
+        "saves model_noisy_{key}.safetensors",
+    )
+    parser.add_argument(
+        "--noisy_labels_key", default="aggre_label", help="key in --noisy_labels (default: aggre_label)"
+    )
+    parser.add_argument("--use_half_precision", action="store_true", help="bf16 autocast for forward passes")
+    parser.add_argument("--use_channels_last", action="store_true", help="channels-last memory format (GPU speed)")
+    args = parser.parse_args(argv)
+
+    for name in ("train_batch_size", "eval_batch_size", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.learning_rate < 0 or args.weight_decay < 0 or args.momentum < 0:
+        parser.error("--learning_rate, --weight_decay and --momentum must not be negative")
+    if args.corrupt_percentage is not None and not 0.0 <= args.corrupt_percentage <= 1.0:
+        parser.error(f"--corrupt_percentage must be between 0 and 1, got {args.corrupt_percentage}")
+    if args.corrupt_percentage is not None and args.noisy_labels is not None:
+        parser.error("--corrupt_percentage and --noisy_labels cannot be combined")
+    return args
+
+
+# ---- Training ----
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    device = get_device()
+    out_path = checkpoint_path(
+        args.checkpoint_dir, args.corrupt_percentage, args.noisy_labels_key if args.noisy_labels else None
+    )
+
+    common = dict(
+        num_train=args.num_train,
+        corrupt_percentage=args.corrupt_percentage,
+        noisy_labels=args.noisy_labels,
+        noisy_labels_key=args.noisy_labels_key,
+        device=device,
+    )
+    train_data = get_cifar10(args.dataset_dir, "train", **common)
+    eval_train_data = get_cifar10(args.dataset_dir, "eval_train", **common)
+    valid_data = get_cifar10(args.dataset_dir, "valid", device=device)
+    num_changed = int(train_data.changed.sum())
+    print(f"training on {len(train_data)} examples ({num_changed} with changed labels), device {device}")
+
+    train_batches = TensorBatches(train_data, args.train_batch_size, shuffle=True, augment=True, seed=args.seed)
+    model = construct_resnet9().to(device)
+    memory_format = torch.channels_last if args.use_channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
+    )
+    # Piecewise linear per step: 0 -> peak at 20% of training -> 0 at the end, so shorter runs keep the shape.
+    total_steps = args.num_train_epochs * len(train_batches)
+    knots = [0.0, total_steps * WARMUP_FRACTION, float(total_steps)]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(np.interp(step, knots, [0, 1, 0])))
+
+    start = time.time()
+    model.train()
+    for epoch in range(args.num_train_epochs):
+        epoch_loss, epoch_count = 0.0, 0
+        progress = tqdm(train_batches, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", leave=False)
+        for x, y in progress:
+            x = x.contiguous(memory_format=memory_format)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.use_half_precision):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            epoch_loss += loss.item() * len(y)
+            epoch_count += len(y)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+        if not np.isfinite(epoch_loss):
+            raise PipelineError(f"training diverged at epoch {epoch + 1} (loss {epoch_loss}); lower --learning_rate")
+        tqdm.write(f"epoch {epoch + 1}: train loss {epoch_loss / epoch_count:.4f} ({time.time() - start:.1f} s)")
+
+    # ---- Evaluation and checkpoint ----
+    model.eval()
+    train_loss, train_acc = evaluate(model, TensorBatches(eval_train_data, args.eval_batch_size))
+    valid_loss, valid_acc = evaluate(model, TensorBatches(valid_data, args.eval_batch_size))
+    print(f"train loss {train_loss:.4f}, train accuracy {train_acc:.4f} (on the labels trained on)")
+    print(f"test loss {valid_loss:.4f}, test accuracy {valid_acc:.4f}")
+    save_model(model, out_path)
+    print(f"saved {out_path} (training took {time.time() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
