@@ -26,6 +26,7 @@ from pipeline import (
     get_cifar10,
     get_device,
     influence_arguments,
+    keep_freed_memory,
     load_model,
     results_name,
     run_cli,
@@ -49,6 +50,7 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()
     torch.manual_seed(args.seed)
     device = get_device()
     checkpoint = checkpoint_path(args.checkpoint_dir)

@@ -29,6 +29,7 @@ from pipeline import (
     get_cifar10,
     get_device,
     influence_arguments,
+    keep_freed_memory,
     load_model,
     run_cli,
 )
@@ -86,6 +87,7 @@ def random_data(n: int, device: torch.device, seed: int) -> CifarData:
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()
     device = torch.device(args.device) if args.device else get_device()
     torch.manual_seed(0)
     model = load_model(args.checkpoint, device) if args.checkpoint else construct_resnet9().to(device).eval()

@@ -36,6 +36,7 @@ from pipeline import (
     get_cifar10,
     get_device,
     influence_arguments,
+    keep_freed_memory,
     load_model,
     results_name,
     run_cli,
@@ -108,6 +109,7 @@ def draw(curves: dict[str, list[float]], path: Path, title: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()
     torch.manual_seed(args.seed)
     device = get_device()
     noisy = args.noisy_labels is not None

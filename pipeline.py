@@ -8,6 +8,7 @@ Not run directly; imported by train.py, analyze.py and the other scripts:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import math
 import os
@@ -43,6 +44,22 @@ class PipelineError(Exception):
 
 def get_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS after every batch.
+
+    The influence passes allocate and free host tensors of hundreds of MB per batch. By default glibc maps each
+    one afresh, and the kernel faults in and zeroes every page: on the CPU that cost about as much as the copies
+    themselves (patch extraction ran 3x faster with this). The process keeps its peak memory. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 # ---- Command line ----

@@ -33,6 +33,7 @@ from pipeline import (
     evaluate,
     get_cifar10,
     get_device,
+    keep_freed_memory,
     run_cli,
     save_model,
 )
@@ -95,6 +96,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    keep_freed_memory()
     torch.manual_seed(args.seed)
     device = get_device()
     out_path = checkpoint_path(

@@ -132,7 +132,7 @@ class Analyzer:
         gradients: dict[str, torch.Tensor] = {}
 
         def process(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
-            gradients[layer.name] = per_example_gradient(a, g)
+            gradients[layer.name] = layer.to_weight_order(per_example_gradient(a, g))
 
         kind = "measurement" if measurement else ("sampled" if sample else "train")
         self._pass([batch], process, kind, half=False, desc="Per-example gradients")
@@ -294,7 +294,7 @@ class Analyzer:
                 "gradient_eigenvectors": per_module.get("gradient_eigenvectors"),
             }
             preconditioners[layer.name] = LayerPreconditioner.build(
-                factor_args.strategy, per_module, args.damping_factor
+                factor_args.strategy, per_module, args.damping_factor, layer
             )
         return preconditioners, to_dict(factor_args)
 

@@ -51,6 +51,7 @@ class CovarianceAccumulator:
             layer.name: torch.zeros(layer.out_dim, layer.out_dim, dtype=dtype, device=device) for layer in layers
         }
         self.rows = {layer.name: 0 for layer in layers}
+        self.layers = {layer.name: layer for layer in layers}
 
     def update(self, layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
         syrk_update(self.activation[layer.name], a.reshape(-1, a.shape[-1]))
@@ -58,7 +59,10 @@ class CovarianceAccumulator:
         self.rows[layer.name] += a.shape[0] * a.shape[1]
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
-        activation = {name: symmetrised(total) / self.rows[name] for name, total in self.activation.items()}
+        activation = {
+            name: self.layers[name].to_weight_order(symmetrised(total), dims=(0, 1)) / self.rows[name]
+            for name, total in self.activation.items()
+        }
         gradient = {name: symmetrised(total) / self.rows[name] for name, total in self.gradient.items()}
         return activation, gradient, dict(self.rows)
 
@@ -75,7 +79,13 @@ class LambdaAccumulator:
     def __init__(
         self, layers: list[Layer], dtype: torch.dtype, device: torch.device, eigenvectors: dict | None
     ) -> None:
-        self.eigenvectors = eigenvectors
+        """`eigenvectors`: {module: (Q_A, Q_S)} in the weight's column order, or None for the diagonal strategy."""
+        self.layers = {layer.name: layer for layer in layers}
+        self.eigenvectors = None
+        if eigenvectors is not None:
+            self.eigenvectors = {
+                name: (self.layers[name].to_engine(q_a, dims=(0,)), q_s) for name, (q_a, q_s) in eigenvectors.items()
+            }
         self.sums = {
             layer.name: torch.zeros(layer.out_dim, layer.in_dim, dtype=dtype, device=device) for layer in layers
         }
@@ -91,7 +101,10 @@ class LambdaAccumulator:
         self.examples[layer.name] += a.shape[0]
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        return {name: total / self.examples[name] for name, total in self.sums.items()}, dict(self.examples)
+        lambdas = {name: total / self.examples[name] for name, total in self.sums.items()}
+        if self.eigenvectors is None:  # in the eigenbasis, columns are eigenvectors: no reordering
+            lambdas = {name: self.layers[name].to_weight_order(lam) for name, lam in lambdas.items()}
+        return lambdas, dict(self.examples)
 
 
 def kfac_lambda(gradient_eigenvalues: torch.Tensor, activation_eigenvalues: torch.Tensor) -> torch.Tensor:

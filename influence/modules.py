@@ -18,10 +18,28 @@ from influence.errors import InfluenceError
 TRACKABLE = (nn.Linear, nn.Conv2d)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layer:
     name: str
     module: nn.Module
+    order: torch.Tensor | None = None  # see canonical_columns
+
+    def to_engine(self, tensor: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+        """Reorder the in' axes `dims` of a tensor from the weight's column order to the engine's."""
+        if self.order is None:
+            return tensor
+        for dim in dims:
+            tensor = tensor.index_select(dim, self.order.to(tensor.device))
+        return tensor
+
+    def to_weight_order(self, tensor: torch.Tensor, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+        """Reorder the in' axes `dims` from the engine's column order back to the weight's."""
+        if self.order is None:
+            return tensor
+        inverse = torch.argsort(self.order).to(tensor.device)
+        for dim in dims:
+            tensor = tensor.index_select(dim, inverse)
+        return tensor
 
     @property
     def has_bias(self) -> bool:
@@ -75,36 +93,65 @@ def find_layers(model: nn.Module, names: list[str] | None) -> list[Layer]:
         raise InfluenceError("the model has no nn.Linear or nn.Conv2d module to track")
     for name in chosen:
         _check_supported(name, named[name])
-    return [Layer(name, named[name]) for name in chosen]
+    layers = [Layer(name, named[name]) for name in chosen]
+    return [Layer(layer.name, layer.module, canonical_columns(layer)) for layer in layers]
 
 
-def _same_padding(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    pads = []
-    for k, d in zip(reversed(conv.kernel_size), reversed(conv.dilation), strict=True):
-        total = d * (k - 1)
-        pads += [total // 2, total - total // 2]
-    return F.pad(x, pads)
+def _padding(conv: nn.Conv2d) -> list[int]:
+    """(left, right) zero padding per spatial dimension, height first, as the convolution applies it."""
+    if conv.padding == "valid":
+        return [0, 0, 0, 0]
+    if conv.padding == "same":
+        pads = []
+        for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+    (ph, pw) = conv.padding
+    return [ph, ph, pw, pw]
+
+
+def canonical_columns(layer: Layer) -> torch.Tensor | None:
+    """For each column of a as the engine lays it out, the weight column it stands for (None: the same order).
+
+    A convolution's patches are gathered channels-last, (kh, kw, C_in): contiguous runs of C_in values copy
+    an order of magnitude faster than the weight's own (C_in, kh, kw) order. Factors on disk and gradients
+    returned to the user are in the weight's order.
+    """
+    if not isinstance(layer.module, nn.Conv2d):
+        return None
+    channels, kh, kw = layer.module.weight.shape[1:]
+    order = torch.arange(channels * kh * kw).view(channels, kh, kw).permute(1, 2, 0).reshape(-1)
+    if layer.has_bias:
+        order = torch.cat([order, torch.tensor([channels * kh * kw])])
+    return order
 
 
 def input_patches(layer: Layer, x: torch.Tensor) -> torch.Tensor:
-    """a as [B, T, in']: the unfolded receptive fields of a conv, or the flattened positions of a linear input."""
+    """a as a contiguous [B, T, in']: a conv's receptive fields (channels-last, see canonical_columns), or
+    the flattened positions of a linear layer's input; a last column of ones when the layer has a bias."""
     module = layer.module
     if isinstance(module, nn.Conv2d):
         if x.dim() != 4:
             raise InfluenceError(
                 f"module {layer.name!r} got a {x.dim()}-d input; tracked convolutions need [B, C, H, W]"
             )
-        padding = module.padding
-        if padding == "same":
-            x, padding = _same_padding(x, module), 0
-        elif padding == "valid":
-            padding = 0
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-        a = cols.transpose(1, 2)
+        top, bottom, left, right = _padding(module)
+        nhwc = x.permute(0, 2, 3, 1)
+        if top or bottom or left or right:
+            nhwc = F.pad(nhwc, (0, 0, left, right, top, bottom))
+        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+        windows = nhwc.unfold(1, dh * (kh - 1) + 1, sh).unfold(2, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+        windows = windows.permute(0, 1, 2, 4, 5, 3)  # [B, Ho, Wo, kh, kw, C]
+        batch, positions = windows.shape[0], windows.shape[1] * windows.shape[2]
     else:
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
-    if layer.has_bias:
-        a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+        windows = x.reshape(x.shape[0], -1, x.shape[-1])
+        batch, positions = windows.shape[:2]
+    if not layer.has_bias:
+        return windows.reshape(batch, positions, -1)
+    a = windows.new_empty(batch, positions, layer.in_dim)
+    a[:, :, :-1].view(windows.shape).copy_(windows)
+    a[:, :, -1] = 1
     return a
 
 

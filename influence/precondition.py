@@ -12,6 +12,7 @@ import torch
 
 from influence import flops
 from influence.capture import per_example_gradient
+from influence.modules import Layer
 
 
 def rotated_gradient(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
@@ -49,15 +50,19 @@ class LayerPreconditioner:
     q_s: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, strategy: str, factors: dict[str, torch.Tensor], damping: float | None) -> LayerPreconditioner:
+    def build(
+        cls, strategy: str, factors: dict[str, torch.Tensor], damping: float | None, layer: Layer
+    ) -> LayerPreconditioner:
+        """From a module's factors in the weight's column order, for gradients in the engine's (see Layer)."""
         if strategy == "identity":
             return cls(strategy)
         lambda_matrix = factors["lambda"]
         d = heuristic_damping(lambda_matrix) if damping is None else damping
         inverse = 1.0 / (lambda_matrix + d)
         if strategy == "diagonal":
-            return cls(strategy, inverse)
-        return cls(strategy, inverse, factors["activation_eigenvectors"], factors["gradient_eigenvectors"])
+            return cls(strategy, layer.to_engine(inverse))
+        q_a = layer.to_engine(factors["activation_eigenvectors"], dims=(0,))
+        return cls(strategy, inverse, q_a, factors["gradient_eigenvectors"])
 
     def apply(self, gradient: torch.Tensor) -> torch.Tensor:
         """P(G) for a batch of gradients [B, out, in']."""
