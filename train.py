@@ -132,9 +132,10 @@ def main(argv=None) -> None:
     start = time.time()
     model.train()
     for epoch in range(args.num_train_epochs):
-        epoch_loss, epoch_count = 0.0, 0
+        # Summed on the device: reading the loss every step would make the host wait for the GPU every step.
+        epoch_loss, epoch_count = torch.zeros((), device=device), 0
         progress = tqdm(train_batches, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", leave=False)
-        for x, y in progress:
+        for step, (x, y) in enumerate(progress):
             x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.use_half_precision):
                 loss = F.cross_entropy(model(x), y)
@@ -142,9 +143,11 @@ def main(argv=None) -> None:
             loss.backward()
             optimizer.step()
             scheduler.step()
-            epoch_loss += loss.item() * len(y)
+            epoch_loss += loss.detach().float() * len(y)
             epoch_count += len(y)
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            if step % 20 == 0:
+                progress.set_postfix(loss=f"{loss.item():.3f}")
+        epoch_loss = epoch_loss.item()
         if not np.isfinite(epoch_loss):
             raise PipelineError(f"training diverged at epoch {epoch + 1} (loss {epoch_loss}); lower --learning_rate")
         tqdm.write(f"epoch {epoch + 1}: train loss {epoch_loss / epoch_count:.4f} ({time.time() - start:.1f} s)")
