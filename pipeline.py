@@ -196,6 +196,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None) -> nn
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise PipelineError(f"checkpoint {path} does not fit ResNet-9: {first}") from e
+    if device.type == "cuda":  # tensor-core convolutions prefer NHWC; the influence engine reads any layout
+        model = model.to(memory_format=torch.channels_last)
     return model.to(device).eval()
 
 

@@ -109,15 +109,21 @@ class Analyzer:
             for batch in tqdm(data, desc=desc, total=total, disable=self.disable_tqdm, leave=False):
                 if limit is not None and seen >= limit:
                     break
-                kept = backward_batch(
-                    capture,
-                    self.model,
-                    to_device(batch, self.device),
-                    loss_fn,
-                    half,
-                    what,
-                    None if limit is None else limit - seen,
-                )
+                try:
+                    kept = backward_batch(
+                        capture,
+                        self.model,
+                        to_device(batch, self.device),
+                        loss_fn,
+                        half,
+                        what,
+                        None if limit is None else limit - seen,
+                    )
+                except torch.OutOfMemoryError:
+                    raise InfluenceError(
+                        f"out of memory on {self.device} in '{desc}' with batches of {capture.batch_size}: "
+                        "use smaller batches (--train_batch_size, --query_batch_size)"
+                    ) from None
                 seen += kept
                 if end_batch is not None:
                     end_batch(kept)

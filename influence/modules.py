@@ -156,7 +156,7 @@ def input_patches(layer: Layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def output_gradients(layer: Layer, grad_output: torch.Tensor) -> torch.Tensor:
-    """g as [B, T, out], positions in the same order as input_patches."""
+    """g as [B, T, out], positions in the same order as input_patches (a free view for channels-last outputs)."""
     if isinstance(layer.module, nn.Conv2d):
-        return grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1).transpose(1, 2)
+        return grad_output.permute(0, 2, 3, 1).reshape(grad_output.shape[0], -1, grad_output.shape[1])
     return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])

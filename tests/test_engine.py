@@ -237,3 +237,15 @@ def test_bf16_scores_rank_like_fp32(tmp_path):
     assert full.dtype == half.dtype == torch.float32
     correlations = [spearmanr(full[i].numpy(), half[i].numpy()).statistic for i in range(16)]
     assert sum(correlations) / len(correlations) > 0.95
+
+
+@pytest.mark.parametrize("strategy", ["diagonal", "ekfac"])
+def test_channels_last_model_gives_the_same_scores(tmp_path, strategy):
+    analyzer, model, x, y, _ = fit(tmp_path, "cnn", strategy)
+    expected = analyzer.compute_pairwise_scores("a", strategy, batches(x[:5], y[:5], 5), batches(x, y, 8))
+    model.to(memory_format=torch.channels_last)
+    last = [(bx.contiguous(memory_format=torch.channels_last), by) for bx, by in batches(x, y, 8)]
+    factors = analyzer.fit_all_factors("last", last, FactorArguments(strategy=strategy, use_empirical_fisher=True))
+    scores = analyzer.compute_pairwise_scores("b", "last", last[:1], last)
+    assert relative_error(scores["all_modules"][:5], expected["all_modules"]) < 1e-10
+    assert factors["lambda_matrix"].keys() == {"0", "2", "5"}

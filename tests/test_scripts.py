@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
 from influence.storage import load_tensors
+from pipeline import load_cifar10_arrays
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM_TRAIN, NUM_QUERIES = 64, 6
@@ -131,6 +133,42 @@ def test_detect_mislabeled(workspace):
     assert scores["all_modules"].shape == (NUM_TRAIN,) and torch.isfinite(scores["all_modules"]).all()
     assert (scores["all_modules"] >= 0).all()  # <P(G), G> with a positive definite P
     assert figure.stat().st_size > 10_000
+
+
+def test_detect_mislabeled_with_real_label_noise(workspace, tmp_path):
+    noisy = load_cifar10_arrays(workspace["data"], train=True)[1].numpy()
+    noisy[[3, 10, 20]] = (noisy[[3, 10, 20]] + 1) % 10
+    path = tmp_path / "noisy.npz"
+    np.savez(path, human=noisy)
+    common = [
+        "--dataset_dir",
+        workspace["data"],
+        "--checkpoint_dir",
+        workspace["checkpoints"],
+        "--num_train",
+        str(NUM_TRAIN),
+        "--noisy_labels",
+        str(path),
+        "--noisy_labels_key",
+        "human",
+    ]
+    run("train.py", *common, "--num_train_epochs", "1", "--train_batch_size", "64")
+    figure = workspace["figures"] / "mislabel_noisy.png"
+    result = run(
+        "detect_mislabeled_dataset.py",
+        *common,
+        "--output_dir",
+        workspace["results"],
+        "--factor_strategy",
+        "diagonal",
+        "--figure",
+        str(figure),
+    )
+    assert "3 of 64 training labels are wrong (noisy:noisy.npz:human)" in result.stdout
+    assert (
+        Path(workspace["results"]) / "mislabeled" / "scores_noisy_human_diagonal" / "self_scores.safetensors"
+    ).exists()
+    assert figure.exists()
 
 
 def test_script_errors_are_one_line(workspace, tmp_path):
