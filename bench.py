@@ -45,12 +45,12 @@ PHASES = {
 
 def parse_args():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_train", type=int, default=1000)
-    parser.add_argument("--num_queries", type=int, default=50)
-    parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES)
-    parser.add_argument("--use_half_precision", action="store_true")
+    parser.add_argument("--num_train", type=int, default=1000, help="training examples (default 1000)")
+    parser.add_argument("--num_queries", type=int, default=50, help="query examples (default 50)")
+    parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES, help="default ekfac")
+    parser.add_argument("--use_half_precision", action="store_true", help="bf16, as analyze.py; floor at the bf16 rate")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--train_batch_size", type=int, default=250)
+    parser.add_argument("--train_batch_size", type=int, default=250, help="training batch of the passes")
     parser.add_argument("--query_batch_size", type=int, default=None, help="default: all queries at once")
     parser.add_argument("--dataset_dir", default=None, help="use real CIFAR-10 from here (default: random images)")
     parser.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: random weights)")

@@ -90,6 +90,11 @@ class Analyzer:
         sample = kind == "sampled"
         return (lambda batch, model: self.task.compute_train_loss(batch, model, sample=sample)), "compute_train_loss"
 
+    def _pass_dtype(self, half: bool) -> torch.dtype:
+        """bf16 passes keep a and g in bf16 for the products of Lambda, self-influence and pairwise scores;
+        covariances and the preconditioning of queries stay in fp32."""
+        return torch.bfloat16 if half else self.dtype
+
     def _pass(
         self,
         data: Iterable[Any],
@@ -236,6 +241,7 @@ class Analyzer:
                 "train" if args.use_empirical_fisher else "sampled",
                 args.use_half_precision,
                 "Fit Lambda",
+                dtype=self._pass_dtype(args.use_half_precision),
                 limit=args.max_examples,
             )
             lambdas, examples = accumulator.finish()
@@ -363,7 +369,7 @@ class Analyzer:
         args: ScoreArguments,
     ) -> dict[str, torch.Tensor]:
         """Scores of one query batch against every training example, [Q, N], on the CPU."""
-        contract_dtype = torch.bfloat16 if args.use_half_precision else self.dtype
+        contract_dtype = self._pass_dtype(args.use_half_precision)
         preconditioned: dict[str, torch.Tensor] = {}
 
         def precondition(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -416,6 +422,7 @@ class Analyzer:
                 "train",
                 args.use_half_precision,
                 "Self-influence scores",
+                dtype=self._pass_dtype(args.use_half_precision),
                 end_batch=columns.end_batch,
             )
             scores = columns.result(self.dtype)

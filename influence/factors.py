@@ -13,7 +13,7 @@ from scipy.linalg import blas
 from influence import flops
 from influence.capture import per_example_gradient
 from influence.modules import Layer
-from influence.precondition import rotated_gradient
+from influence.precondition import rotated_gradient, widened
 
 
 def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
@@ -96,7 +96,7 @@ class LambdaAccumulator:
             gradient = per_example_gradient(a, g)
         else:
             gradient = rotated_gradient(a, g, *self.eigenvectors[layer.name])
-        self.sums[layer.name] += gradient.square().sum(dim=0)
+        self.sums[layer.name] += widened(gradient).square().sum(dim=0)
         flops.add(2 * gradient.numel())
         self.examples[layer.name] += a.shape[0]
 

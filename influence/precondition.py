@@ -24,6 +24,7 @@ def rotated_gradient(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: t
     """
     batch, positions, in_dim = a.shape
     out_dim = g.shape[2]
+    q_a, q_s = q_a.to(a.dtype), q_s.to(a.dtype)  # bf16 passes rotate in bf16
     cost_form_then_rotate = out_dim * in_dim * (positions + out_dim + in_dim)
     cost_rotate_then_form = positions * (in_dim * in_dim + out_dim * out_dim + out_dim * in_dim)
     if cost_form_then_rotate < cost_rotate_then_form:
@@ -78,11 +79,11 @@ class LayerPreconditioner:
     def self_score(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """<P(G[n]), G[n]> for every example, without rotating back: sum((Q_S^T G Q_A)^2 / (Lambda + d))."""
         if self.strategy in ("kfac", "ekfac"):
-            rotated = rotated_gradient(a, g, self.q_a, self.q_s)
+            rotated = widened(rotated_gradient(a, g, self.q_a, self.q_s))
             flops.add(3 * rotated.numel())
             return (rotated.square() * self.inverse).sum(dim=(1, 2))
         if self.strategy == "diagonal":
-            gradient = per_example_gradient(a, g)
+            gradient = widened(per_example_gradient(a, g))
             flops.add(3 * gradient.numel())
             return (gradient.square() * self.inverse).sum(dim=(1, 2))
         return squared_gradient_norm(a, g)
@@ -94,7 +95,12 @@ def squared_gradient_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     out_dim = g.shape[2]
     if positions * (in_dim + out_dim) < out_dim * in_dim:
         flops.add(2 * batch * positions * positions * (in_dim + out_dim))
-        return ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum(dim=(1, 2))
-    gradient = per_example_gradient(a, g)
+        return (widened(g @ g.transpose(1, 2)) * widened(a @ a.transpose(1, 2))).sum(dim=(1, 2))
+    gradient = widened(per_example_gradient(a, g))
     flops.add(2 * gradient.numel())
     return gradient.square().sum(dim=(1, 2))
+
+
+def widened(tensor: torch.Tensor) -> torch.Tensor:
+    """bf16 products are squared and summed in fp32: the sums are of positive terms, the rounding stays relative."""
+    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor

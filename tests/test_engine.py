@@ -249,3 +249,23 @@ def test_channels_last_model_gives_the_same_scores(tmp_path, strategy):
     scores = analyzer.compute_pairwise_scores("b", "last", last[:1], last)
     assert relative_error(scores["all_modules"][:5], expected["all_modules"]) < 1e-10
     assert factors["lambda_matrix"].keys() == {"0", "2", "5"}
+
+
+def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path):
+    from scipy.stats import spearmanr
+
+    model, _, _ = make_model("cnn", dtype=torch.float32)
+    torch.manual_seed(6)
+    x, y = torch.randn(256, 2, 7, 7), torch.randint(0, 3, (256,))
+    analyzer = Analyzer("bf16", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    data = batches(x, y, 64)
+    factors, scores = {}, {}
+    for half in (False, True):
+        name = "half" if half else "full"
+        args = FactorArguments(strategy="ekfac", use_half_precision=half, use_empirical_fisher=True)
+        factors[half] = analyzer.fit_all_factors(name, data, args)
+        score_args = ScoreArguments(damping_factor=None, use_half_precision=half)
+        scores[half] = analyzer.compute_self_scores(name, name, data, score_args)["all_modules"]
+    for name, full in factors[False]["lambda_matrix"].items():
+        assert relative_error(factors[True]["lambda_matrix"][name], full) < 0.05
+    assert spearmanr(scores[False].numpy(), scores[True].numpy()).statistic > 0.99
