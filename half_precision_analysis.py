@@ -55,9 +55,10 @@ def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, pat
     ax.scatter(full, half, s=4, alpha=0.5, edgecolors="none")
     low, high = min(full.min(), half.min()), max(full.max(), half.max())
     ax.plot([low, high], [low, high], color="gray", linewidth=0.8, linestyle="--", label="y = x")
+    ax.ticklabel_format(style="sci", scilimits=(-3, 3))  # scores run to 1e4..1e6: no overlapping tick labels
     ax.set_xlabel("fp32 influence score")
     ax.set_ylabel("bf16 influence score")
-    ax.set_title(f"Query {query}: Spearman {correlation:.3f}")
+    ax.set_title(f"bf16 vs fp32 scores of query {query} (Spearman {correlation:.3f})", fontsize=10)
     ax.legend(loc="upper left")
     fig.tight_layout()
     save_figure(fig, path)

@@ -32,7 +32,6 @@ from influence.task import Task
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
 NUM_CLASSES = 10
-NUM_CIFAR_TRAIN = 50_000
 BATCHES_FOLDER = "cifar-10-batches-py"
 SPLITS = ("train", "eval_train", "valid")
 MAKE_DATA_HINT = f"python ../shared/cifar10/make_cifar10.py ./data, or copy {BATCHES_FOLDER}/ into the dataset dir"

@@ -54,11 +54,6 @@ class Layer:
         """in' = columns of the flattened weight, counting the bias column."""
         return self.module.weight[0].numel() + int(self.has_bias)
 
-    def flatten_gradient(self, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None) -> torch.Tensor:
-        """[out, in'] view of a (weight, bias) gradient, bias as the last column, as the engine stores G."""
-        flat = weight_grad.reshape(weight_grad.shape[0], -1)
-        return torch.cat([flat, bias_grad[:, None]], dim=1) if bias_grad is not None else flat
-
 
 def _check_supported(name: str, module: nn.Module) -> None:
     if isinstance(module, nn.Conv2d):
