@@ -111,13 +111,18 @@ def main() -> None:
         analyzer.compute_self_scores("s", "f", batches, score_args)
         phase_memory["Compute Self-Influence Score"] = peak_memory(device)
 
-    dtype = torch.bfloat16 if args.use_half_precision else torch.float32
-    rate = matmul_rate(device, dtype, args.matmul_size)
+    # bf16 runs keep their covariances and query preconditioning in fp32: each FLOP is set against the rate
+    # of the dtype it ran in.
+    rates = {torch.float32: matmul_rate(device, torch.float32, args.matmul_size)}
+    if args.use_half_precision:
+        rates[torch.bfloat16] = matmul_rate(device, torch.bfloat16, args.matmul_size)
     print(
         f"ResNet-9, {args.factor_strategy}, {'bf16' if args.use_half_precision else 'fp32'}, {device.type}, "
         f"{len(train)} training examples, {len(queries)} queries, training batches of {args.train_batch_size}"
     )
-    print(f"Matrix-multiply rate ({args.matmul_size}^2, {str(dtype).removeprefix('torch.')}): {rate / 1e9:.1f} GFLOP/s")
+    for dtype, rate in rates.items():
+        name = str(dtype).removeprefix("torch.")
+        print(f"Matrix-multiply rate ({args.matmul_size}^2, {name}): {rate / 1e9:.1f} GFLOP/s")
     header = f"{'phase':<20}{'seconds':>10}{'GFLOP':>12}{'GFLOP/s':>10}{'floor (s)':>11}{'x floor':>9}   peak memory"
     print(header)
     print("-" * len(header))
@@ -125,12 +130,13 @@ def main() -> None:
         if action not in analyzer.profiler.records:
             continue
         seconds = sum(analyzer.profiler.records[action])
-        counted = analyzer.profiler.flops[action]
-        floor = counted / rate
+        counted = analyzer.profiler.flops.get(action, {})
+        total = sum(counted.values())
+        floor = sum(count / rates.get(dtype, rates[torch.float32]) for dtype, count in counted.items())
         memory = phase_memory.get(action, phase_memory["factors"])
-        ratio = f"{seconds / floor:>9.2f}" if counted else f"{'-':>9}"
+        ratio = f"{seconds / floor:>9.2f}" if total else f"{'-':>9}"
         print(
-            f"{label:<20}{seconds:>10.2f}{counted / 1e9:>12.1f}{counted / seconds / 1e9:>10.1f}{floor:>11.2f}"
+            f"{label:<20}{seconds:>10.2f}{total / 1e9:>12.1f}{total / seconds / 1e9:>10.1f}{floor:>11.2f}"
             f"{ratio}   {memory}"
         )
 

@@ -94,7 +94,8 @@ def draw(curves: dict[str, list[float]], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     xs = [0.0, *INSPECTED, 1.0]
     for label, ys in curves.items():
-        style = {"linestyle": "--"} if label in ("training loss", "random") else {"marker": "o", "markersize": 3}
+        baseline = {"training loss": "black", "random": "gray"}.get(label)
+        style = {"linestyle": "--", "color": baseline} if baseline else {"marker": "o", "markersize": 3}
         ax.plot(xs, [0.0, *ys, 1.0], label=label, **style)
     ax.set_xlabel("Fraction of training data inspected")
     ax.set_ylabel("Fraction of mislabeled examples found")

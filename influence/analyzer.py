@@ -373,7 +373,7 @@ class Analyzer:
         preconditioned: dict[str, torch.Tensor] = {}
 
         def precondition(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
-            gradient = preconditioners[layer.name].apply(per_example_gradient(a, g))
+            gradient = preconditioners[layer.name].precondition(a, g)
             preconditioned[layer.name] = gradient.reshape(gradient.shape[0], -1).to(contract_dtype)
 
         self._pass([query_batch], precondition, "measurement", args.use_half_precision, "Query gradients")
@@ -382,7 +382,7 @@ class Analyzer:
         def contract(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
             gradient = per_example_gradient(a, g).flatten(1)
             queries = preconditioned[layer.name]
-            flops.add(2 * queries.shape[0] * gradient.numel())
+            flops.add(2 * queries.shape[0] * gradient.numel(), queries.dtype)
             columns.add(layer.name, (queries @ gradient.T).to(self.dtype))
 
         self._pass(

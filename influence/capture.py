@@ -37,7 +37,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """G[n] = sum_t g[n, t] a[n, t]^T as [B, out, in']."""
     batch, positions, in_dim = a.shape
-    flops.add(2 * batch * positions * in_dim * g.shape[2])
+    flops.add(2 * batch * positions * in_dim * g.shape[2], a.dtype)
     return torch.bmm(g.transpose(1, 2), a)
 
 
@@ -97,7 +97,9 @@ class Capture:
             x = args[0].detach()
             if self.batch_size is None:
                 self.batch_size = x.shape[0]
-            flops.add(4 * output.numel() * layer.module.weight[0].numel())  # forward + input-gradient products
+            flops.add(
+                4 * output.numel() * layer.module.weight[0].numel(), output.dtype
+            )  # forward + input-gradient products
 
             def on_grad(grad: torch.Tensor) -> None:
                 keep = self.keep if self.keep is not None else x.shape[0]

@@ -1,19 +1,25 @@
-"""A running count of the floating-point operations the engine's kernels perform.
+"""A running count of the floating-point operations the engine's kernels perform, per dtype.
 
 Each kernel adds what its contraction order costs (2 FLOPs per multiply-add), from the shapes it
-was given, so a benchmark can divide by time and compare with the device's matrix-multiply rate.
+was given and the dtype it ran in, so a benchmark can compare the time with the device's
+matrix-multiply rate in each dtype.
 """
 
-_count = {"flops": 0}
+from __future__ import annotations
+
+import torch
+
+_count: dict[torch.dtype, int] = {}
 
 
-def add(flops: int | float) -> None:
-    _count["flops"] += int(flops)
+def add(flops: float, dtype: torch.dtype) -> None:
+    _count[dtype] = _count.get(dtype, 0) + int(flops)
 
 
-def read() -> int:
-    return _count["flops"]
+def read() -> dict[torch.dtype, int]:
+    return dict(_count)
 
 
-def reset() -> None:
-    _count["flops"] = 0
+def since(before: dict[torch.dtype, int]) -> dict[torch.dtype, int]:
+    """The counts added after `before = read()`, per dtype."""
+    return {dtype: count - before.get(dtype, 0) for dtype, count in _count.items() if count != before.get(dtype, 0)}

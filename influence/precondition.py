@@ -29,9 +29,9 @@ def rotated_gradient(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: t
     cost_rotate_then_form = positions * (in_dim * in_dim + out_dim * out_dim + out_dim * in_dim)
     if cost_form_then_rotate < cost_rotate_then_form:
         gradient = per_example_gradient(a, g)
-        flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim))
+        flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim), a.dtype)
         return torch.matmul(q_s.T, gradient) @ q_a
-    flops.add(2 * batch * positions * (in_dim * in_dim + out_dim * out_dim))
+    flops.add(2 * batch * positions * (in_dim * in_dim + out_dim * out_dim), a.dtype)
     a_rotated = (a.reshape(-1, in_dim) @ q_a).view(batch, positions, in_dim)
     g_rotated = (g.reshape(-1, out_dim) @ q_s).view(batch, positions, out_dim)
     return per_example_gradient(a_rotated, g_rotated)
@@ -65,26 +65,29 @@ class LayerPreconditioner:
         q_a = layer.to_engine(factors["activation_eigenvectors"], dims=(0,))
         return cls(strategy, inverse, q_a, factors["gradient_eigenvectors"])
 
-    def apply(self, gradient: torch.Tensor) -> torch.Tensor:
-        """P(G) for a batch of gradients [B, out, in']."""
-        if self.strategy == "identity":
-            return gradient
-        if self.strategy == "diagonal":
-            return gradient * self.inverse
-        batch, out_dim, in_dim = gradient.shape
-        flops.add(4 * batch * out_dim * in_dim * (out_dim + in_dim))
-        rotated = (torch.matmul(self.q_s.T, gradient) @ self.q_a) * self.inverse
-        return torch.matmul(self.q_s, rotated) @ self.q_a.T
+    def precondition(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """P(G[n]) as [B, out, in'] for the examples whose patches and output gradients are a and g.
+
+        The rotation into the eigenbasis takes the cheaper contraction order (rotated_gradient); only the
+        rotation back needs G's full out x in' products.
+        """
+        if self.strategy in ("kfac", "ekfac"):
+            rotated = rotated_gradient(a, g, self.q_a, self.q_s) * self.inverse
+            batch, out_dim, in_dim = rotated.shape
+            flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim), rotated.dtype)
+            return torch.matmul(self.q_s, rotated) @ self.q_a.T
+        gradient = per_example_gradient(a, g)
+        return gradient if self.strategy == "identity" else gradient * self.inverse
 
     def self_score(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """<P(G[n]), G[n]> for every example, without rotating back: sum((Q_S^T G Q_A)^2 / (Lambda + d))."""
         if self.strategy in ("kfac", "ekfac"):
             rotated = widened(rotated_gradient(a, g, self.q_a, self.q_s))
-            flops.add(3 * rotated.numel())
+            flops.add(3 * rotated.numel(), rotated.dtype)
             return (rotated.square() * self.inverse).sum(dim=(1, 2))
         if self.strategy == "diagonal":
             gradient = widened(per_example_gradient(a, g))
-            flops.add(3 * gradient.numel())
+            flops.add(3 * gradient.numel(), gradient.dtype)
             return (gradient.square() * self.inverse).sum(dim=(1, 2))
         return squared_gradient_norm(a, g)
 
@@ -94,10 +97,10 @@ def squared_gradient_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     batch, positions, in_dim = a.shape
     out_dim = g.shape[2]
     if positions * (in_dim + out_dim) < out_dim * in_dim:
-        flops.add(2 * batch * positions * positions * (in_dim + out_dim))
+        flops.add(2 * batch * positions * positions * (in_dim + out_dim), a.dtype)
         return (widened(g @ g.transpose(1, 2)) * widened(a @ a.transpose(1, 2))).sum(dim=(1, 2))
     gradient = widened(per_example_gradient(a, g))
-    flops.add(2 * gradient.numel())
+    flops.add(2 * gradient.numel(), gradient.dtype)
     return gradient.square().sum(dim=(1, 2))
 
 

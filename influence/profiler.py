@@ -22,7 +22,7 @@ class Profiler:
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled, self.device = enabled, device
         self.records: dict[str, list[float]] = {}
-        self.flops: dict[str, int] = {}
+        self.flops: dict[str, dict[torch.dtype, int]] = {}
 
     @contextmanager
     def record(self, action: str) -> Iterator[None]:
@@ -34,7 +34,9 @@ class Profiler:
         yield
         synchronize(self.device)
         self.records.setdefault(action, []).append(time.perf_counter() - start)
-        self.flops[action] = self.flops.get(action, 0) + flops.read() - counted
+        totals = self.flops.setdefault(action, {})
+        for dtype, count in flops.since(counted).items():
+            totals[dtype] = totals.get(dtype, 0) + count
 
     def table(self) -> str:
         """The timing table in the original example's format, longest action first."""
