@@ -220,14 +220,19 @@ def test_tracked_modules_restrict_scores(tmp_path):
     assert relative_error(scores["all_modules"], expected) < 1e-6
 
 
+def float32_cnn(tmp_path, seed):
+    """An fp32 CNN analyzer and 256 random examples in batches of 64, for the bf16 comparisons."""
+    model, _, _ = make_model("cnn", dtype=torch.float32)
+    torch.manual_seed(seed)
+    x, y = torch.randn(256, 2, 7, 7), torch.randint(0, 3, (256,))
+    analyzer = Analyzer("bf16", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    return analyzer, x, y, batches(x, y, 64)
+
+
 def test_bf16_scores_rank_like_fp32(tmp_path):
     from scipy.stats import spearmanr
 
-    model, x, y = make_model("cnn", dtype=torch.float32)
-    torch.manual_seed(5)
-    x, y = torch.randn(256, 2, 7, 7), torch.randint(0, 3, (256,))
-    analyzer = Analyzer("bf16", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
-    data = batches(x, y, 64)
+    analyzer, x, y, data = float32_cnn(tmp_path, seed=5)
     results = {}
     for half in (False, True):
         name = "ekfac_half" if half else "ekfac"
@@ -255,11 +260,7 @@ def test_channels_last_model_gives_the_same_scores(tmp_path, strategy):
 def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path):
     from scipy.stats import spearmanr
 
-    model, _, _ = make_model("cnn", dtype=torch.float32)
-    torch.manual_seed(6)
-    x, y = torch.randn(256, 2, 7, 7), torch.randint(0, 3, (256,))
-    analyzer = Analyzer("bf16", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
-    data = batches(x, y, 64)
+    analyzer, _, _, data = float32_cnn(tmp_path, seed=6)
     factors, scores = {}, {}
     for half in (False, True):
         name = "half" if half else "full"
