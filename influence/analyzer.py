@@ -295,16 +295,11 @@ class Analyzer:
             factors = self.load_all_factors(factors_name)
         preconditioners = {}
         for layer in self.layers:
-            per_module = {kind: tensors[layer.name] for kind, tensors in factors.items() if layer.name in tensors}
-            if factor_args.strategy != "identity" and LAMBDA in factors and layer.name not in factors[LAMBDA]:
+            if LAMBDA in factors and layer.name not in factors[LAMBDA]:
                 raise InfluenceError(
                     f"factors {factors_name!r} have no entry for module {layer.name!r}: refit them for this model"
                 )
-            per_module = {
-                "lambda": per_module.get(LAMBDA),
-                "activation_eigenvectors": per_module.get("activation_eigenvectors"),
-                "gradient_eigenvectors": per_module.get("gradient_eigenvectors"),
-            }
+            per_module = {kind: tensors[layer.name] for kind, tensors in factors.items() if layer.name in tensors}
             preconditioners[layer.name] = LayerPreconditioner.build(
                 factor_args.strategy, per_module, args.damping_factor, layer
             )

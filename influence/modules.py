@@ -88,8 +88,7 @@ def find_layers(model: nn.Module, names: list[str] | None) -> list[Layer]:
         raise InfluenceError("the model has no nn.Linear or nn.Conv2d module to track")
     for name in chosen:
         _check_supported(name, named[name])
-    layers = [Layer(name, named[name]) for name in chosen]
-    return [Layer(layer.name, layer.module, canonical_columns(layer)) for layer in layers]
+    return [Layer(name, named[name], canonical_columns(named[name])) for name in chosen]
 
 
 def _padding(conv: nn.Conv2d) -> list[int]:
@@ -106,18 +105,18 @@ def _padding(conv: nn.Conv2d) -> list[int]:
     return [ph, ph, pw, pw]
 
 
-def canonical_columns(layer: Layer) -> torch.Tensor | None:
+def canonical_columns(module: nn.Module) -> torch.Tensor | None:
     """For each column of a as the engine lays it out, the weight column it stands for (None: the same order).
 
     A convolution's patches are gathered channels-last, (kh, kw, C_in): contiguous runs of C_in values copy
     an order of magnitude faster than the weight's own (C_in, kh, kw) order. Factors on disk and gradients
     returned to the user are in the weight's order.
     """
-    if not isinstance(layer.module, nn.Conv2d):
+    if not isinstance(module, nn.Conv2d):
         return None
-    channels, kh, kw = layer.module.weight.shape[1:]
+    channels, kh, kw = module.weight.shape[1:]
     order = torch.arange(channels * kh * kw).view(channels, kh, kw).permute(1, 2, 0).reshape(-1)
-    if layer.has_bias:
+    if module.bias is not None:
         order = torch.cat([order, torch.tensor([channels * kh * kw])])
     return order
 

@@ -54,10 +54,11 @@ class LayerPreconditioner:
     def build(
         cls, strategy: str, factors: dict[str, torch.Tensor], damping: float | None, layer: Layer
     ) -> LayerPreconditioner:
-        """From a module's factors in the weight's column order, for gradients in the engine's (see Layer)."""
+        """From a module's factors ({kind: tensor}, as on disk, in the weight's column order), for gradients in
+        the engine's column order (see Layer)."""
         if strategy == "identity":
             return cls(strategy)
-        lambda_matrix = factors["lambda"]
+        lambda_matrix = factors["lambda_matrix"]
         d = heuristic_damping(lambda_matrix) if damping is None else damping
         inverse = 1.0 / (lambda_matrix + d)
         if strategy == "diagonal":
