@@ -8,29 +8,28 @@ Full job (GPU):
         --factor_strategy ekfac [--use_half_precision] --profile
 CPU-sized:
     python analyze.py --dataset_dir ./data --checkpoint_dir ./checkpoints --factor_strategy ekfac \
-        --num_train 5000 --num_queries 100 --query_batch_size 100 --train_batch_size 128 --profile
+        --num_train 2000 --num_queries 100 --query_batch_size 100 --profile
+Several processes (GPUs, or CPU processes), same results:
+    torchrun --nproc_per_node=N analyze.py ...
+A killed run resumes where it stopped when started again with the same arguments.
 """
 
 from __future__ import annotations
 
-import torch
-
-from influence import Analyzer
-from pipeline import (
+from cli import (
     ArgumentParser,
-    ClassificationTask,
-    TensorBatches,
     add_influence_flags,
-    checkpoint_path,
+    check_sizes,
     file_fingerprint,
-    get_cifar10,
-    get_device,
     influence_arguments,
+    is_main,
     keep_freed_memory,
-    load_model,
     results_name,
     run_cli,
+    start_processes,
 )
+from influence import Analyzer
+from pipeline import ClassificationTask, TensorBatches, checkpoint_path, get_cifar10, load_model
 
 
 def parse_args():
@@ -50,9 +49,9 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    check_sizes(args, "query_batch_size", "train_batch_size", "num_queries")
     keep_freed_memory()
-    torch.manual_seed(args.seed)
-    device = get_device()
+    device = start_processes(args.dist_timeout)
     checkpoint = checkpoint_path(args.checkpoint_dir)
     model = load_model(checkpoint, device)
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
@@ -63,7 +62,14 @@ def main() -> None:
     score_args.info = {**data_info, "num_queries": len(queries)}
     name = results_name(args.factor_strategy, args.use_half_precision)
 
-    analyzer = Analyzer("cifar10", model, ClassificationTask(), output_dir=args.output_dir, profile=args.profile)
+    analyzer = Analyzer(
+        "cifar10",
+        model,
+        ClassificationTask(),
+        output_dir=args.output_dir,
+        profile=args.profile,
+        save_interval=args.save_interval,
+    )
     train_batches = TensorBatches(train, args.train_batch_size)
     analyzer.fit_all_factors(name, train_batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     scores = analyzer.compute_pairwise_scores(
@@ -74,9 +80,10 @@ def main() -> None:
         score_args,
         overwrite_output_dir=args.overwrite_output_dir,
     )["all_modules"]
-    print(f"Scores shape: {tuple(scores.shape)}  ({analyzer.scores_folder(name)})")
-    if args.profile:
-        print(analyzer.profiler.table())
+    if is_main():
+        print(f"Scores shape: {tuple(scores.shape)}  ({analyzer.scores_folder(name)})")
+        if args.profile:
+            print(analyzer.profiler.table())
 
 
 if __name__ == "__main__":

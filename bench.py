@@ -7,6 +7,10 @@ the peak memory (RSS on the CPU, max allocated on a GPU).
 
     python bench.py --num_train 1000 --num_queries 50 --factor_strategy ekfac            # this CPU
     python bench.py --num_train 50000 --num_queries 2000 --device cuda [--use_half_precision]
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bench.py ...                              # split over processes
+
+Under torchrun the FLOPs of every rank are added up and set against the sum of the ranks' matrix-multiply rates,
+measured at the same time; times are rank 0's wall clock, memory the largest of the ranks.
 """
 
 from __future__ import annotations
@@ -16,23 +20,20 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 
-from influence import Analyzer
-from influence.profiler import synchronize
-from pipeline import (
-    STRATEGIES,
+from cli import (
     ArgumentParser,
-    CifarData,
-    ClassificationTask,
-    TensorBatches,
-    construct_resnet9,
-    get_cifar10,
-    get_device,
+    add_process_flags,
     influence_arguments,
+    is_main,
     keep_freed_memory,
-    load_model,
     run_cli,
+    start_processes,
 )
+from influence import STRATEGIES, Analyzer
+from influence.profiler import synchronize
+from pipeline import CifarData, ClassificationTask, TensorBatches, construct_resnet9, get_cifar10, load_model
 
 PHASES = {
     "Fit Covariance": "covariance",
@@ -55,7 +56,25 @@ def parse_args():
     parser.add_argument("--dataset_dir", default=None, help="use real CIFAR-10 from here (default: random images)")
     parser.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: random weights)")
     parser.add_argument("--matmul_size", type=int, default=2048, help="side of the square product timed for the floor")
+    parser.add_argument(
+        "--save_interval", type=float, default=120.0, help="seconds between partial saves of a pass (default 120)"
+    )
+    parser.add_argument(
+        "--max_elements",
+        default="auto",
+        help="bound on the per-layer tensors of one chunk of a batch: a number, 'none' (whole batches) or 'auto'",
+    )
+    add_process_flags(parser)
     return parser.parse_args()
+
+
+def summed(value: float, op=None) -> float:
+    """A number added up (or reduced with `op`) over the ranks; itself in one process."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor.item()
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, size: int) -> float:
@@ -74,8 +93,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int) -> float:
 
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+        used = summed(torch.cuda.max_memory_allocated(device) / 2**30, dist.ReduceOp.MAX)
+        return f"{used:.2f} GiB allocated"
+    return f"{summed(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, dist.ReduceOp.MAX):.2f} GiB RSS"
 
 
 def random_data(n: int, device: torch.device, seed: int) -> CifarData:
@@ -88,7 +108,10 @@ def random_data(n: int, device: torch.device, seed: int) -> CifarData:
 def main() -> None:
     args = parse_args()
     keep_freed_memory()
-    device = torch.device(args.device) if args.device else get_device()
+    device = start_processes(args.dist_timeout)
+    if args.device:
+        device = torch.device(args.device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
     torch.manual_seed(0)
     model = load_model(args.checkpoint, device) if args.checkpoint else construct_resnet9().to(device).eval()
     if args.dataset_dir:
@@ -97,10 +120,19 @@ def main() -> None:
     else:
         train, queries = random_data(args.num_train, device, 0), random_data(args.num_queries, device, 1)
 
-    args.use_empirical_fisher, args.damping_factor = False, None
+    args.use_empirical_fisher, args.damping_factor, args.seed = False, None, 0
     factor_args, score_args = influence_arguments(args, {})
+    max_elements = {"auto": "auto", "none": None}.get(args.max_elements) or int(args.max_elements)
     with tempfile.TemporaryDirectory() as output_dir:
-        analyzer = Analyzer("bench", model, ClassificationTask(), output_dir=output_dir, profile=True)
+        analyzer = Analyzer(
+            "bench",
+            model,
+            ClassificationTask(),
+            output_dir=output_dir,
+            profile=True,
+            save_interval=args.save_interval,
+            max_elements=max_elements,
+        )
         batches = TensorBatches(train, args.train_batch_size)
         query_batches = TensorBatches(queries, args.query_batch_size or len(queries))
         phase_memory = {}
@@ -112,17 +144,30 @@ def main() -> None:
         phase_memory["Compute Self-Influence Score"] = peak_memory(device)
 
     # bf16 runs keep their covariances and query preconditioning in fp32: each FLOP is set against the rate
-    # of the dtype it ran in.
-    rates = {torch.float32: matmul_rate(device, torch.float32, args.matmul_size)}
-    if args.use_half_precision:
-        rates[torch.bfloat16] = matmul_rate(device, torch.bfloat16, args.matmul_size)
+    # of the dtype it ran in. Every rank times its product at the same moment, so the rates add up to what
+    # the ranks share.
+    dtypes = [torch.float32] + ([torch.bfloat16] if args.use_half_precision else [])
+    rates = {}
+    for dtype in dtypes:
+        if dist.is_initialized():
+            dist.barrier()
+        rates[dtype] = summed(matmul_rate(device, dtype, args.matmul_size))
+    counted = {
+        action: {dtype: summed(analyzer.profiler.flops.get(action, {}).get(dtype, 0)) for dtype in dtypes}
+        for action in PHASES
+    }
+    if not is_main():
+        return
+    precision = "bf16" if args.use_half_precision else "fp32"
+    processes = f", {world} processes" if world > 1 else ""
     print(
-        f"ResNet-9, {args.factor_strategy}, {'bf16' if args.use_half_precision else 'fp32'}, {device.type}, "
-        f"{len(train)} training examples, {len(queries)} queries, training batches of {args.train_batch_size}"
+        f"ResNet-9, {args.factor_strategy}, {precision}, {device.type}{processes}, {len(train)} training examples, "
+        f"{len(queries)} queries, training batches of {args.train_batch_size}"
     )
     for dtype, rate in rates.items():
         name = str(dtype).removeprefix("torch.")
-        print(f"Matrix-multiply rate ({args.matmul_size}^2, {name}): {rate / 1e9:.1f} GFLOP/s")
+        each = " (all processes)" if world > 1 else ""
+        print(f"Matrix-multiply rate ({args.matmul_size}^2, {name}){each}: {rate / 1e9:.1f} GFLOP/s")
     header = f"{'phase':<20}{'seconds':>10}{'GFLOP':>12}{'GFLOP/s':>10}{'floor (s)':>11}{'x floor':>9}   peak memory"
     print(header)
     print("-" * len(header))
@@ -130,15 +175,20 @@ def main() -> None:
         if action not in analyzer.profiler.records:
             continue
         seconds = sum(analyzer.profiler.records[action])
-        counted = analyzer.profiler.flops.get(action, {})
-        total = sum(counted.values())
-        floor = sum(count / rates.get(dtype, rates[torch.float32]) for dtype, count in counted.items())
+        total = sum(counted[action].values())
+        floor = sum(count / rates[dtype] for dtype, count in counted[action].items())
         memory = phase_memory.get(action, phase_memory["factors"])
         ratio = f"{seconds / floor:>9.2f}" if total else f"{'-':>9}"
         print(
             f"{label:<20}{seconds:>10.2f}{total / 1e9:>12.1f}{total / seconds / 1e9:>10.1f}{floor:>11.2f}"
             f"{ratio}   {memory}"
         )
+    saves = analyzer.profiler.records.get("Save Partial Result", [])
+    passes = sum(sum(analyzer.profiler.records.get(action, [])) for action in PHASES)
+    print(
+        f"Partial results saved {len(saves)} times (every {args.save_interval:g} s and after each query batch): "
+        f"{sum(saves):.2f} s, {100 * sum(saves) / passes:.2f}% of the passes"
+    )
 
 
 if __name__ == "__main__":

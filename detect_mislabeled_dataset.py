@@ -2,45 +2,54 @@
 
 Uses the checkpoint trained on the same labels (train.py --corrupt_percentage p, or --noisy_labels), fits
 factors on those training images, scores each example's influence on itself, then reports which fraction
-of the mislabeled examples is found by inspecting the top 10%, 20%, ..., 90% of the ranking, next to two
-baselines (highest training loss first, random order). Writes figure/mislabel.png with one line per
-strategy whose self scores exist for the same data.
+of the mislabeled examples is found by inspecting the top 10%, 20%, ..., 90% of the ranking, and the area
+under the ROC curve of each ranking, next to two baselines (highest training loss first, random order).
+Draws the detection curves (one line per strategy whose self scores exist for the same data) and the
+top-ranked images with their given and official labels.
 
 Full job (GPU):
     python detect_mislabeled_dataset.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
         --corrupt_percentage 0.1 --factor_strategy ekfac --profile
-CPU-sized (after train.py --num_train 5000 --num_train_epochs 10 --corrupt_percentage 0.1):
+CPU-sized (after the CPU-sized train.py --corrupt_percentage 0.1; see README):
     python detect_mislabeled_dataset.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
-        --corrupt_percentage 0.1 --factor_strategy ekfac --num_train 5000 --train_batch_size 128 --profile
+        --corrupt_percentage 0.1 --factor_strategy ekfac --num_train 2000 --profile
 Real annotation mistakes (CIFAR-10N), after train.py with the same two flags:
-    python detect_mislabeled_dataset.py --noisy_labels ../shared/cifar10/cifar10n_train_labels.npz \
-        --noisy_labels_key aggre_label --factor_strategy ekfac
+    python detect_mislabeled_dataset.py --noisy_labels cifar10n_train_labels.npz --noisy_labels_key aggre_label \
+        --factor_strategy ekfac
+Several processes: torchrun --nproc_per_node=N detect_mislabeled_dataset.py ...
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import rankdata
 
-from influence import STRATEGIES, Analyzer
-from pipeline import (
+from cli import (
     ArgumentParser,
-    ClassificationTask,
-    PipelineError,
-    TensorBatches,
     add_influence_flags,
-    checkpoint_path,
+    check_sizes,
     file_fingerprint,
-    get_cifar10,
-    get_device,
     influence_arguments,
+    is_main,
     keep_freed_memory,
-    load_model,
     results_name,
     run_cli,
     save_figure,
+    start_processes,
+)
+from influence import STRATEGIES, Analyzer
+from pipeline import (
+    CLASSES,
+    ClassificationTask,
+    PipelineError,
+    TensorBatches,
+    checkpoint_path,
+    get_cifar10,
+    load_model,
 )
 
 INSPECTED = [i / 10 for i in range(1, 10)]
@@ -62,12 +71,23 @@ def parse_args():
         help=".npz of given training labels (e.g. CIFAR-10N); replaces --corrupt_percentage",
     )
     parser.add_argument("--noisy_labels_key", default="aggre_label", help="array to use in --noisy_labels")
-    parser.add_argument("--figure", default="figure/mislabel.png", help="where to draw the detection curves")
+    parser.add_argument(
+        "--figure",
+        default=None,
+        help="where to draw the detection curves (default figure/mislabel.png, or "
+        "figure/mislabel_noisy_<key>.png with --noisy_labels)",
+    )
+    parser.add_argument(
+        "--top_figure",
+        default=None,
+        help="where to draw the top-ranked images (default: the --figure name with _top)",
+    )
+    parser.add_argument("--top_k", type=int, default=16, help="top-ranked images to draw (default 16)")
     add_influence_flags(parser)
     return parser.parse_args()
 
 
-# ---- Ranking ----
+# ---- Rankings ----
 
 
 def detection_curve(ranking: torch.Tensor, mislabeled: torch.Tensor, fractions: list[float]) -> list[float]:
@@ -77,15 +97,26 @@ def detection_curve(ranking: torch.Tensor, mislabeled: torch.Tensor, fractions: 
     return [found[max(round(f * len(ranking)), 1) - 1].item() / total for f in fractions]
 
 
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for `positive`: the probability that a random positive example
+    scores above a random negative one, ties counting one half (Mann-Whitney U over n_pos * n_neg)."""
+    positive = np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise PipelineError("the ROC AUC needs both mislabeled and correctly labeled examples")
+    ranks = rankdata(scores)  # ties get their average rank
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 @torch.no_grad()
 def per_example_loss(model: torch.nn.Module, batches: TensorBatches) -> torch.Tensor:
     return torch.cat([F.cross_entropy(model(x), y, reduction="none").float().cpu() for x, y in batches])
 
 
-# ---- Figure ----
+# ---- Figures ----
 
 
-def draw(curves: dict[str, list[float]], path: Path, title: str) -> None:
+def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,23 +127,54 @@ def draw(curves: dict[str, list[float]], path: Path, title: str) -> None:
     for label, ys in curves.items():
         baseline = {"training loss": "black", "random": "gray"}.get(label)
         style = {"linestyle": "--", "color": baseline} if baseline else {"marker": "o", "markersize": 3}
-        ax.plot(xs, [0.0, *ys, 1.0], label=label, **style)
+        ax.plot(xs, [0.0, *ys, 1.0], label=f"{label} (AUC {aucs[label]:.3f})", **style)
     ax.set_xlabel("Fraction of training data inspected")
     ax.set_ylabel("Fraction of mislabeled examples found")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
 
+def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(8, len(images))
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(1.45 * columns, 1.8 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= len(images):
+            ax.axis("off")
+            continue
+        ax.imshow(images[i].permute(1, 2, 0).numpy())
+        wrong = given[i] != official[i]
+        color = "tab:red" if wrong else "tab:green"
+        text = f"#{i + 1}  given: {CLASSES[given[i]]}\nofficial: {CLASSES[official[i]]}"
+        ax.set_xlabel(text, fontsize=7, color=color)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ---- Main ----
+
+
 def main() -> None:
     args = parse_args()
+    check_sizes(args, "train_batch_size", "top_k")
     keep_freed_memory()
-    torch.manual_seed(args.seed)
-    device = get_device()
+    device = start_processes(args.dist_timeout)
     noisy = args.noisy_labels is not None
     corrupt = None if noisy else args.corrupt_percentage
     checkpoint = checkpoint_path(args.checkpoint_dir, corrupt, args.noisy_labels_key if noisy else None)
@@ -135,38 +197,63 @@ def main() -> None:
     prefix = f"noisy_{args.noisy_labels_key}_" if noisy else ""
     name = results_name(args.factor_strategy, args.use_half_precision, prefix)
 
-    analyzer = Analyzer("mislabeled", model, ClassificationTask(), output_dir=args.output_dir, profile=args.profile)
+    analyzer = Analyzer(
+        "mislabeled",
+        model,
+        ClassificationTask(),
+        output_dir=args.output_dir,
+        profile=args.profile,
+        save_interval=args.save_interval,
+    )
     batches = TensorBatches(train, args.train_batch_size)
     analyzer.fit_all_factors(name, batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
-    analyzer.compute_self_scores(name, name, batches, score_args, overwrite_output_dir=args.overwrite_output_dir)
-
-    # Every strategy already scored on these exact data and weights gets a line, so runs can be compared.
-    curves = {}
+    own = analyzer.compute_self_scores(name, name, batches, score_args, overwrite_output_dir=args.overwrite_output_dir)[
+        "all_modules"
+    ]
+    # Every strategy already scored on these exact data and weights gets a column, so runs can be compared.
+    rankings: dict[str, np.ndarray] = {}
     for strategy in STRATEGIES:
         for half in (False, True):
             other = results_name(strategy, half, prefix)
-            folder = analyzer.scores_folder(other)
-            if not (folder / "self_scores.safetensors").exists():
+            if other != name and not analyzer.has_self_scores(other):
                 continue
-            saved = analyzer.load_score_arguments(other)
-            if saved.get("info") != info:
+            if analyzer.load_score_arguments(other).get("info") != info:
                 continue
-            scores = analyzer.load_self_scores(other)["all_modules"]
-            curves[other] = detection_curve(torch.argsort(scores, descending=True), mislabeled, INSPECTED)
-    losses = per_example_loss(model, TensorBatches(train, args.train_batch_size))
-    curves["training loss"] = detection_curve(torch.argsort(losses, descending=True), mislabeled, INSPECTED)
+            rankings[other] = analyzer.load_self_scores(other)["all_modules"].double().numpy()
+    if not is_main():
+        return
+    rankings["training loss"] = per_example_loss(model, TensorBatches(train, args.train_batch_size)).double().numpy()
     generator = torch.Generator().manual_seed(args.seed)
-    curves["random"] = detection_curve(torch.randperm(len(train), generator=generator), mislabeled, INSPECTED)
+    rankings["random"] = torch.rand(len(train), generator=generator, dtype=torch.float64).numpy()
 
+    truth = mislabeled.numpy()
+    curves = {
+        label: detection_curve(torch.from_numpy(np.argsort(-s, kind="stable")), mislabeled, INSPECTED)
+        for label, s in rankings.items()
+    }
+    aucs = {label: roc_auc(s, truth) for label, s in rankings.items()}
     print(f"{int(mislabeled.sum())} of {len(train)} training labels are wrong ({labels}).")
     print("Fraction of mislabeled examples found when inspecting the top fraction of the ranking:")
     width = max(len(label) for label in curves) + 2
     print("inspected".ljust(11) + "".join(label.rjust(width) for label in curves))
     for i, fraction in enumerate(INSPECTED):
         print(f"{fraction:>8.0%}   " + "".join(f"{curves[label][i]:>{width}.1%}" for label in curves))
+    print("ROC AUC".ljust(11) + "".join(f"{aucs[label]:>{width}.3f}" for label in curves))
+
+    default = f"figure/mislabel_noisy_{args.noisy_labels_key}.png" if noisy else "figure/mislabel.png"
+    figure = Path(args.figure or default)
     title = f"Mislabeled data detection ({labels}, N={len(train)})"
-    draw(curves, Path(args.figure), title)
-    print(f"Figure: {args.figure}")
+    draw_curves(curves, aucs, figure, title)
+    top_figure = Path(args.top_figure or figure.with_name(f"{figure.stem}_top{figure.suffix}"))
+    order = torch.argsort(own, descending=True)[: min(args.top_k, len(train))].cpu()
+    draw_top(
+        train.images[order.to(train.images.device)].cpu(),
+        train.labels.cpu()[order].tolist(),
+        train.clean_labels.cpu()[order].tolist(),
+        top_figure,
+        f"Highest self-influence ({name}): given label, official label (red: they differ)",
+    )
+    print(f"Figures: {figure}, {top_figure}")
     if args.profile:
         print(analyzer.profiler.table())
 

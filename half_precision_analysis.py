@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
+from cli import ArgumentParser, run_cli, save_figure
+from influence import STRATEGIES
 from influence.storage import load_tensors
-from pipeline import STRATEGIES, ArgumentParser, PipelineError, run_cli, save_figure
+from pipeline import PipelineError
 
 
 def parse_args():

@@ -1,4 +1,4 @@
-"""Shared pieces of the CIFAR-10 / ResNet-9 scripts: data, model, task, checkpoints, command-line errors.
+"""Shared pieces of the CIFAR-10 / ResNet-9 scripts: the model, the data and the task (and their checkpoints).
 
 Not run directly; imported by train.py, analyze.py and the other scripts:
 
@@ -7,15 +7,11 @@ Not run directly; imported by train.py, analyze.py and the other scripts:
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import hashlib
 import math
 import os
 import pickle
-import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +22,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from influence import STRATEGIES, FactorArguments, ScoreArguments
 from influence.task import Task
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
 NUM_CLASSES = 10
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BATCHES_FOLDER = "cifar-10-batches-py"
 SPLITS = ("train", "eval_train", "valid")
-MAKE_DATA_HINT = f"python ../shared/cifar10/make_cifar10.py ./data, or copy {BATCHES_FOLDER}/ into the dataset dir"
+MAKE_DATA_HINT = f"copy {BATCHES_FOLDER}/ into the dataset dir, or write an offline copy with make_cifar10.py (README)"
 
 
 class PipelineError(Exception):
@@ -43,53 +39,6 @@ class PipelineError(Exception):
 
 def get_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse instead of handing it back to the OS after every batch.
-
-    The influence passes allocate and free host tensors of hundreds of MB per batch. By default glibc maps each
-    one afresh, and the kernel faults in and zeroes every page: on the CPU that cost about as much as the copies
-    themselves (patch extraction ran 3x faster with this). The process keeps its peak memory. No-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_max = -1, -4
-    libc.mallopt(m_mmap_max, 0)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-
-
-# ---- Command line ----
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported in one line (no usage dump), like every other error here."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(), turning expected errors into `error: ...` on stderr and exit status 2."""
-    expected: tuple[type[BaseException], ...] = (PipelineError,)
-    # Imported lazily: the engine may not define (or may not yet have) an error class of its own.
-    try:
-        from influence import InfluenceError  # type: ignore[attr-defined]
-
-        expected = (PipelineError, InfluenceError)
-    except ImportError:
-        pass
-    try:
-        main()
-    except expected as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 # ---- Model ----
@@ -402,7 +351,9 @@ class TensorBatches:
 
     Replaces a DataLoader (no workers, no per-image Python). Each iteration is one epoch: with shuffle or
     augment, its randomness comes from a generator seeded `seed + epoch`, so runs are reproducible;
-    without them, iterating twice gives the same batches.
+    without them, iterating twice gives the same batches. With shard=(rank, world), each batch of
+    `batch_size` is cut into `world` slices and only slice `rank` is yielded (data-parallel training: every
+    rank draws the same order, so the slices of one step partition its batch).
     """
 
     def __init__(
@@ -413,12 +364,13 @@ class TensorBatches:
         augment: bool = False,
         drop_last: bool = False,
         seed: int = 0,
+        shard: tuple[int, int] = (0, 1),
     ):
         if batch_size < 1:
             raise PipelineError(f"batch size must be positive, got {batch_size}")
         self.images, self.labels = data.images, data.labels
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
-        self.seed = seed
+        self.seed, self.shard = seed, shard
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -432,10 +384,11 @@ class TensorBatches:
         order = torch.randperm(n, generator=gen).to(self.labels.device) if self.shuffle else None
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
+            rank, world = self.shard
             if order is None:
-                x, y = self.images[lo:hi], self.labels[lo:hi]
+                x, y = self.images[lo:hi][rank::world], self.labels[lo:hi][rank::world]
             else:
-                idx = order[lo:hi]
+                idx = order[lo:hi][rank::world]
                 x, y = self.images[idx], self.labels[idx]
             if self.augment:
                 x = random_crop_flip(x, gen)
@@ -488,101 +441,3 @@ def evaluate(model: nn.Module, batches: TensorBatches) -> tuple[float, float]:
         count += len(y)
     model.train(was_training)
     return total_loss / max(count, 1), correct / max(count, 1)
-
-
-# ---- Influence runs: flags and settings shared by analyze.py and detect_mislabeled_dataset.py ----
-
-
-def add_influence_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--factor_strategy",
-        default="ekfac",
-        choices=STRATEGIES,
-        help="curvature used to precondition gradients (default: ekfac)",
-    )
-    parser.add_argument(
-        "--use_half_precision",
-        action="store_true",
-        help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half)",
-    )
-    parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
-    parser.add_argument(
-        "--num_train", type=int, default=None, help="use the first N training examples (default: all 50,000)"
-    )
-    parser.add_argument(
-        "--train_batch_size",
-        type=int,
-        default=512,
-        help="training examples per forward/backward in the influence passes (default: 512)",
-    )
-    parser.add_argument("--output_dir", default="./influence_results", help="where factors and scores are saved")
-    parser.add_argument(
-        "--overwrite_output_dir", action="store_true", help="recompute factors and scores even if saved ones exist"
-    )
-    parser.add_argument(
-        "--damping_factor",
-        type=parse_damping,
-        default=1e-8,
-        help="number added to the curvature eigenvalues, or 'heuristic' for 0.1 * mean(Lambda)",
-    )
-    parser.add_argument(
-        "--use_empirical_fisher",
-        action="store_true",
-        help="fit factors with the dataset labels instead of labels sampled from the model",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the label sampling for the true Fisher")
-
-
-def parse_damping(text: str) -> float | None:
-    if text == "heuristic":
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'heuristic', got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"damping must be >= 0, got {text}")
-    return value
-
-
-def results_name(strategy: str, half: bool, prefix: str = "") -> str:
-    """Factors and scores are named after the strategy, with _half for bf16 (scores_ekfac, scores_ekfac_half)."""
-    return f"{prefix}{strategy}{'_half' if half else ''}"
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """sha256 of a checkpoint, so results made with other weights are never silently reused."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def influence_arguments(args: argparse.Namespace, info: dict) -> tuple[FactorArguments, ScoreArguments]:
-    factors = FactorArguments(
-        strategy=args.factor_strategy,
-        use_empirical_fisher=args.use_empirical_fisher,
-        use_half_precision=args.use_half_precision,
-        info=info,
-    )
-    scores = ScoreArguments(damping_factor=args.damping_factor, use_half_precision=args.use_half_precision, info=info)
-    return factors, scores
-
-
-# ---- Figures ----
-
-
-def save_figure(fig, path: str | Path) -> None:
-    """Save a matplotlib figure whole or not at all, creating its folder."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        plt.close(fig)

@@ -9,15 +9,14 @@ training images with their labels and scores, into figure/top_influential.png.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from influence.storage import load_tensors
-from pipeline import STRATEGIES, ArgumentParser, PipelineError, get_cifar10, run_cli, save_figure
-
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from cli import ArgumentParser, run_cli, save_figure
+from influence import STRATEGIES
+from influence.storage import load_tensors, read_json
+from pipeline import CLASSES, PipelineError, get_cifar10
 
 
 def parse_args():
@@ -74,7 +73,7 @@ def main() -> None:
         hint = f"python analyze.py --factor_strategy {args.factor_strategy}"
         raise PipelineError(f"no scores in {folder}: run {hint} first")
     scores = load_tensors(folder / "pairwise_scores.safetensors")["all_modules"]
-    info = json.loads((folder / "score_arguments.json").read_text())["info"]
+    info = read_json(folder / "score_arguments.json")["info"]
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=info["num_train"], device="cpu")
     queries = get_cifar10(args.dataset_dir, "valid", device="cpu").subset(info["num_queries"])
     bad = [q for q in args.queries if not 0 <= q < scores.shape[0]]

@@ -11,6 +11,11 @@ CPU-sized run:
     python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
         --num_train 5000 --num_train_epochs 10 --corrupt_percentage 0.1
 
+Several processes (one per GPU, or CPU processes), data-parallel; each step's batch of --train_batch_size is
+split across them, and rank 0 evaluates and writes the checkpoint:
+
+    torchrun --nproc_per_node=N train.py ...
+
 Writes {checkpoint_dir}/model.safetensors, model_corrupt_{p}.safetensors with --corrupt_percentage p, or
 model_noisy_{key}.safetensors with --noisy_labels. An existing checkpoint of the same name is overwritten.
 """
@@ -21,20 +26,19 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from cli import ArgumentParser, add_process_flags, is_main, keep_freed_memory, run_cli, start_processes
 from pipeline import (
-    ArgumentParser,
     PipelineError,
     TensorBatches,
     checkpoint_path,
     construct_resnet9,
     evaluate,
     get_cifar10,
-    get_device,
-    keep_freed_memory,
-    run_cli,
     save_model,
 )
 
@@ -69,7 +73,7 @@ def parse_args(argv=None):
         "--noisy_labels",
         default=None,
         metavar="FILE.npz",
-        help="train on human labels from an .npz (e.g. ../shared/cifar10/cifar10n_train_labels.npz); "
+        help="train on human labels from an .npz (e.g. CIFAR-10N's, with an aggre_label array); "
         "saves model_noisy_{key}.safetensors",
     )
     parser.add_argument(
@@ -77,6 +81,7 @@ def parse_args(argv=None):
     )
     parser.add_argument("--use_half_precision", action="store_true", help="bf16 autocast for forward passes")
     parser.add_argument("--use_channels_last", action="store_true", help="channels-last memory format (GPU speed)")
+    add_process_flags(parser)
     args = parser.parse_args(argv)
 
     for name in ("train_batch_size", "eval_batch_size", "num_train_epochs"):
@@ -94,11 +99,19 @@ def parse_args(argv=None):
 # ---- Training ----
 
 
+def say(message: str) -> None:
+    if is_main():
+        tqdm.write(message)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     keep_freed_memory()
-    torch.manual_seed(args.seed)
-    device = get_device()
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    device = start_processes(args.dist_timeout)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if args.train_batch_size < world:
+        raise PipelineError(f"--train_batch_size {args.train_batch_size} is smaller than the {world} processes")
     out_path = checkpoint_path(
         args.checkpoint_dir, args.corrupt_percentage, args.noisy_labels_key if args.noisy_labels else None
     )
@@ -114,12 +127,25 @@ def main(argv=None) -> None:
     eval_train_data = get_cifar10(args.dataset_dir, "eval_train", **common)
     valid_data = get_cifar10(args.dataset_dir, "valid", device=device)
     num_changed = int(train_data.changed.sum())
-    print(f"training on {len(train_data)} examples ({num_changed} with changed labels), device {device}")
+    where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
+    say(f"training on {len(train_data)} examples ({num_changed} with changed labels), {where}")
 
-    train_batches = TensorBatches(train_data, args.train_batch_size, shuffle=True, augment=True, seed=args.seed)
+    # Every rank shuffles the same way and takes its slice of each step's batch; a last batch too small to give
+    # every rank an example is dropped.
+    drop_last = world > 1 and 0 < len(train_data) % args.train_batch_size < world
+    train_batches = TensorBatches(
+        train_data,
+        args.train_batch_size,
+        shuffle=True,
+        augment=True,
+        drop_last=drop_last,
+        seed=args.seed,
+        shard=(rank, world),
+    )
     model = construct_resnet9().to(device)
     memory_format = torch.channels_last if args.use_channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    trained = DistributedDataParallel(model) if world > 1 else model
 
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
@@ -134,11 +160,13 @@ def main(argv=None) -> None:
     for epoch in range(args.num_train_epochs):
         # Summed on the device: reading the loss every step would make the host wait for the GPU every step.
         epoch_loss, epoch_count = torch.zeros((), device=device), 0
-        progress = tqdm(train_batches, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", leave=False)
+        progress = tqdm(
+            train_batches, desc=f"epoch {epoch + 1}/{args.num_train_epochs}", leave=False, disable=not is_main()
+        )
         for step, (x, y) in enumerate(progress):
             x = x.contiguous(memory_format=memory_format)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.use_half_precision):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(trained(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -147,16 +175,21 @@ def main(argv=None) -> None:
             epoch_count += len(y)
             if step % 20 == 0:
                 progress.set_postfix(loss=f"{loss.item():.3f}")
-        epoch_loss = epoch_loss.item()
+        totals = torch.stack([epoch_loss, torch.tensor(float(epoch_count), device=device)])
+        if world > 1:  # the loss over every rank's slices
+            dist.all_reduce(totals)
+        epoch_loss, epoch_count = totals.tolist()
         if not np.isfinite(epoch_loss):
             raise PipelineError(f"training diverged at epoch {epoch + 1} (loss {epoch_loss}); lower --learning_rate")
-        tqdm.write(f"epoch {epoch + 1}: train loss {epoch_loss / epoch_count:.4f} ({time.time() - start:.1f} s)")
+        say(f"epoch {epoch + 1}: train loss {epoch_loss / epoch_count:.4f} ({time.time() - start:.1f} s)")
 
-    # ---- Evaluation and checkpoint ----
+    # ---- Evaluation and checkpoint (rank 0) ----
+    if rank != 0:
+        return
     model.eval()
     train_loss, train_acc = evaluate(model, TensorBatches(eval_train_data, args.eval_batch_size))
     valid_loss, valid_acc = evaluate(model, TensorBatches(valid_data, args.eval_batch_size))
-    print(f"train loss {train_loss:.4f}, train accuracy {train_acc:.4f} (on the labels trained on)")
+    say(f"train loss {train_loss:.4f}, train accuracy {train_acc:.4f} (on the labels trained on)")
     print(f"test loss {valid_loss:.4f}, test accuracy {valid_acc:.4f}")
     save_model(model, out_path)
     print(f"saved {out_path} (training took {time.time() - start:.1f} s)")

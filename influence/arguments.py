@@ -18,6 +18,8 @@ class FactorArguments:
     strategy: identity | diagonal | kfac | ekfac.
     use_empirical_fisher: use the dataset labels instead of labels sampled from the model (true Fisher).
     max_examples: fit on at most this many training examples (None: all).
+    seed: seed of the labels sampled for the true Fisher; a batch's labels depend on it and on which examples the
+        batch holds only (not on the process or on what ran before), so results do not depend on the split.
     use_half_precision: run forward and backward under bf16 autocast (factors are still accumulated in fp32).
     info: free-form facts about the model and data (checkpoint, dataset size...) checked on reuse.
     """
@@ -25,6 +27,7 @@ class FactorArguments:
     strategy: str = "ekfac"
     use_empirical_fisher: bool = False
     max_examples: int | None = None
+    seed: int = 0
     use_half_precision: bool = False
     info: dict[str, Any] = field(default_factory=dict)
 

@@ -41,15 +41,34 @@ def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.bmm(g.transpose(1, 2), a)
 
 
+def chunk_size(layer: Layer, positions: int, max_elements: int | None) -> int | None:
+    """Examples per chunk so that a layer's largest per-chunk tensor (a, g or G) stays under max_elements."""
+    if max_elements is None:
+        return None
+    per_example = max(positions * layer.in_dim, positions * layer.out_dim, layer.out_dim * layer.in_dim)
+    return max(1, max_elements // per_example)
+
+
 class Capture:
     """Context manager: while open, each backward through `model` calls `process(layer, a, g)` per tracked layer.
 
     `batch_size` is the leading dimension of the current batch, known once the forward pass reached a
     tracked layer; `keep` (set by the caller) trims a and g to the first `keep` examples.
+    With `max_elements`, a layer's examples are handed over in consecutive chunks whose a, g and per-example
+    gradients hold at most that many elements each: the batch stays large for the forward and backward passes,
+    while the expanded per-layer tensors stay small enough to be reused from cache instead of freshly faulted in.
     """
 
-    def __init__(self, model: nn.Module, layers: list[Layer], process: Process, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[Layer],
+        process: Process,
+        dtype: torch.dtype,
+        max_elements: int | None = None,
+    ) -> None:
         self.model, self.layers, self.process, self.dtype = model, layers, process, dtype
+        self.max_elements = max_elements
         self.batch_size: int | None = None
         self.keep: int | None = None
         self._handles: list[Any] = []
@@ -101,11 +120,19 @@ class Capture:
                 4 * output.numel() * layer.module.weight[0].numel(), output.dtype
             )  # forward + input-gradient products
 
+            # Rows per example: output positions of a conv, every leading position of a linear layer's input.
+            positions = (
+                output[0, 0].numel() if isinstance(layer.module, nn.Conv2d) else output[0].numel() // output.shape[-1]
+            )
+
             def on_grad(grad: torch.Tensor) -> None:
                 keep = self.keep if self.keep is not None else x.shape[0]
-                a = input_patches(layer, x[:keep]).to(self.dtype)
-                g = output_gradients(layer, grad[:keep]).to(self.dtype)
-                self.process(layer, a, g)
+                step = chunk_size(layer, positions, self.max_elements) or keep
+                for start in range(0, keep, step):
+                    end = min(start + step, keep)
+                    a = input_patches(layer, x[start:end]).to(self.dtype)
+                    g = output_gradients(layer, grad[start:end]).to(self.dtype)
+                    self.process(layer, a, g)
 
             output.register_hook(on_grad)
 

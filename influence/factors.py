@@ -40,7 +40,32 @@ def symmetrised(lower: torch.Tensor) -> torch.Tensor:
     return torch.tril(lower) + torch.tril(lower, -1).T
 
 
-class CovarianceAccumulator:
+class Sums:
+    """Running sums whose tensors add up across processes and across resumed runs (see distributed.Group)."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def start_at(self, examples: int) -> None:
+        """A resumed pass: the sums of the first `examples` came from the partial result (nothing to do)."""
+
+    def reset(self) -> None:
+        for tensor in self.tensors().values():
+            tensor.zero_()
+
+    def flush(self, group, examples: int) -> None:  # noqa: ARG002 (same call as the score columns')
+        """Sum every rank's share into rank 0's (see distributed.Group.sum_to_main)."""
+        group.sum_to_main(list(self.tensors().values()))
+
+    def load(self, saved: dict[str, torch.Tensor]) -> None:
+        """Start from sums saved by an interrupted run (a KeyError or shape mismatch means they do not fit)."""
+        for key, tensor in self.tensors().items():
+            if saved[key].shape != tensor.shape:
+                raise KeyError(key)
+            tensor.copy_(saved[key])
+
+
+class CovarianceAccumulator(Sums):
     """Sums of a a^T and g g^T over every row (example x position) of every tracked layer."""
 
     def __init__(self, layers: list[Layer], dtype: torch.dtype, device: torch.device) -> None:
@@ -50,8 +75,15 @@ class CovarianceAccumulator:
         self.gradient = {
             layer.name: torch.zeros(layer.out_dim, layer.out_dim, dtype=dtype, device=device) for layer in layers
         }
-        self.rows = {layer.name: 0 for layer in layers}
+        self.rows = {layer.name: torch.zeros((), dtype=torch.int64, device=device) for layer in layers}
         self.layers = {layer.name: layer for layer in layers}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"activation/{name}": total for name, total in self.activation.items()},
+            **{f"gradient/{name}": total for name, total in self.gradient.items()},
+            **{f"rows/{name}": count for name, count in self.rows.items()},
+        }
 
     def update(self, layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
         syrk_update(self.activation[layer.name], a.reshape(-1, a.shape[-1]))
@@ -59,12 +91,13 @@ class CovarianceAccumulator:
         self.rows[layer.name] += a.shape[0] * a.shape[1]
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
+        rows = {name: int(count.item()) for name, count in self.rows.items()}
         activation = {
-            name: self.layers[name].to_weight_order(symmetrised(total), dims=(0, 1)) / self.rows[name]
+            name: self.layers[name].to_weight_order(symmetrised(total), dims=(0, 1)) / rows[name]
             for name, total in self.activation.items()
         }
-        gradient = {name: symmetrised(total) / self.rows[name] for name, total in self.gradient.items()}
-        return activation, gradient, dict(self.rows)
+        gradient = {name: symmetrised(total) / rows[name] for name, total in self.gradient.items()}
+        return activation, gradient, rows
 
 
 def eigendecomposition(covariance: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +106,7 @@ def eigendecomposition(covariance: torch.Tensor, dtype: torch.dtype) -> tuple[to
     return values.to(dtype), vectors.to(dtype)
 
 
-class LambdaAccumulator:
+class LambdaAccumulator(Sums):
     """Sum over examples of the squared per-example gradient, in the eigenbasis (ekfac) or as it is (diagonal)."""
 
     def __init__(
@@ -89,7 +122,13 @@ class LambdaAccumulator:
         self.sums = {
             layer.name: torch.zeros(layer.out_dim, layer.in_dim, dtype=dtype, device=device) for layer in layers
         }
-        self.examples = {layer.name: 0 for layer in layers}
+        self.examples = {layer.name: torch.zeros((), dtype=torch.int64, device=device) for layer in layers}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"lambda/{name}": total for name, total in self.sums.items()},
+            **{f"examples/{name}": count for name, count in self.examples.items()},
+        }
 
     def update(self, layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
         if self.eigenvectors is None:
@@ -101,10 +140,11 @@ class LambdaAccumulator:
         self.examples[layer.name] += a.shape[0]
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        lambdas = {name: total / self.examples[name] for name, total in self.sums.items()}
+        examples = {name: int(count.item()) for name, count in self.examples.items()}
+        lambdas = {name: total / examples[name] for name, total in self.sums.items()}
         if self.eigenvectors is None:  # in the eigenbasis, columns are eigenvectors: no reordering
             lambdas = {name: self.layers[name].to_weight_order(lam) for name, lam in lambdas.items()}
-        return lambdas, dict(self.examples)
+        return lambdas, examples
 
 
 def kfac_lambda(gradient_eigenvalues: torch.Tensor, activation_eigenvalues: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from influence.errors import InfluenceError
@@ -31,15 +32,34 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     _atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
 
 
+FIX_HINT = "delete it, or rerun with --overwrite_output_dir (overwrite_output_dir=True) to recompute"
+
+
+def _unreadable(path: Path, error: Exception) -> InfluenceError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return InfluenceError(f"cannot read {path} ({reason}; truncated or not written by this engine?): {FIX_HINT}")
+
+
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    return load_file(str(path), device=str(device))
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise _unreadable(path, error) from None
 
 
 def load_metadata(path: Path) -> dict[str, Any]:
-    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise _unreadable(path, error) from None
 
-    with safe_open(str(path), framework="pt") as handle:
-        return {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise _unreadable(path, error) from None
 
 
 def save_json(path: Path, obj: dict[str, Any]) -> None:
@@ -62,7 +82,7 @@ def check_arguments(folder: Path, filename: str, arguments: dict[str, Any], what
     path = folder / filename
     wanted = json.loads(json.dumps(arguments))  # tuples become lists, as on disk
     if path.exists():
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
         difference = _first_difference(saved, wanted)
         if difference:
             key, old, new = difference
@@ -80,3 +100,29 @@ def clear_folder(folder: Path) -> None:
         for path in folder.iterdir():
             if path.is_file():
                 path.unlink()
+
+
+# ---- Partial results of a pass, for resuming ----
+
+PARTIAL_SUFFIX = ".partial.safetensors"
+
+
+def partial_path(result: Path) -> Path:
+    """Where the partial result of `result` lives: lambda_matrix.safetensors -> lambda_matrix.partial.safetensors."""
+    return result.with_name(result.name.removesuffix(".safetensors") + PARTIAL_SUFFIX)
+
+
+def save_partial(path: Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> None:
+    save_tensors(path, tensors, {"partial": True, "progress": progress})
+
+
+def load_partial(path: Path, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str:
+    """(tensors, progress) of a saved partial result, or the reason it cannot be used (it is then discarded)."""
+    try:
+        metadata = load_metadata(path)
+        tensors = load_tensors(path, device)
+    except InfluenceError:
+        return "it is unreadable"
+    if metadata.get("partial") is not True or not isinstance(metadata.get("progress"), dict):
+        return "it is not a partial result"
+    return tensors, metadata["progress"]

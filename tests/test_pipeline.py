@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import pipeline
+from cli import run_cli
 from pipeline import (
     CifarData,
     ClassificationTask,
@@ -28,7 +29,6 @@ from pipeline import (
     load_model,
     load_noisy_labels,
     random_crop_flip,
-    run_cli,
     save_model,
 )
 

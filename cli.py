@@ -1,0 +1,258 @@
+"""The scripts' shared command-line plumbing: one-line errors, shared flags, figures, memory, several processes.
+
+Not run directly; imported by train.py, analyze.py and the other scripts:
+
+    from cli import ArgumentParser, run_cli, start_processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from influence import STRATEGIES, FactorArguments, InfluenceError, ScoreArguments
+from influence import distributed as influence_distributed
+from pipeline import PipelineError, get_device
+
+# ---- Errors and arguments ----
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage dump), like every other error here."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(): expected errors become `error: ...` on stderr and exit status 2.
+
+    Under torchrun a failing rank first leaves a note naming itself, which the other ranks report when the
+    collective they wait in fails; a rank that succeeds waits for the others before it leaves.
+    """
+    try:
+        main()
+        end_processes(success=True)
+    except (PipelineError, InfluenceError) as e:
+        influence_distributed.publish_failure(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        end_processes(success=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        influence_distributed.publish_failure("interrupted")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        influence_distributed.publish_failure(f"{type(e).__name__}: {e}")
+        raise
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that prints results and draws figures."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# ---- Several processes (torchrun) ----
+
+
+def start_processes(timeout: float) -> torch.device:
+    """This process's device; under torchrun (WORLD_SIZE > 1) it first joins the process group.
+
+    One process per device: nccl with GPU LOCAL_RANK when there are GPUs, gloo on the CPU otherwise. `timeout`
+    (seconds) bounds every wait for another rank, so a rank that hangs or dies stops the others.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        return get_device() if world == 1 else _device()
+    if not dist.is_available():
+        raise PipelineError("this torch build has no torch.distributed: run one process (python, not torchrun)")
+    try:
+        rank, host, port = int(os.environ["RANK"]), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    except KeyError as e:
+        raise PipelineError(f"WORLD_SIZE is set but {e.args[0]} is not: start the processes with torchrun") from None
+    wait = timedelta(seconds=timeout)
+    device = _device()
+    # torchrun's agent hosts the rendezvous store; processes started by hand (the tests) let rank 0 host it.
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(host, port, world, is_master=rank == 0 and not hosted_by_agent, timeout=wait)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, store=dist.PrefixStore("influence_pg", store), rank=rank, world_size=world, timeout=wait
+        )
+    except (RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"rank {rank} could not join the other processes at {host}:{port}: {first}") from None
+    influence_distributed.remember_store(dist.PrefixStore("influence", store), wait)
+    return device
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def end_processes(success: bool) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if success:  # rank 0 may host the store: nobody leaves while another still needs it
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
+
+
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dist_timeout",
+        type=float,
+        default=600.0,
+        help="under torchrun: seconds a process waits for another before it stops with an error (default 600)",
+    )
+
+
+# ---- Memory ----
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS after every batch.
+
+    The influence passes allocate and free host tensors of hundreds of MB per batch. By default glibc maps each
+    one afresh, and the kernel faults in and zeroes every page: on the CPU that cost about as much as the copies
+    themselves (patch extraction ran 3x faster with this). The process keeps its peak memory. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+# ---- Influence runs: flags and settings shared by analyze.py, detect_mislabeled_dataset.py and bench.py ----
+
+
+def add_influence_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--factor_strategy",
+        default="ekfac",
+        choices=STRATEGIES,
+        help="curvature used to precondition gradients (default: ekfac)",
+    )
+    parser.add_argument(
+        "--use_half_precision",
+        action="store_true",
+        help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half)",
+    )
+    parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
+    parser.add_argument(
+        "--num_train", type=int, default=None, help="use the first N training examples (default: all 50,000)"
+    )
+    parser.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=512,
+        help="training examples per forward/backward in the influence passes (default: 512; on the CPU the "
+        "per-layer work is cut into chunks of bounded size, so large batches cost no extra memory)",
+    )
+    parser.add_argument("--output_dir", default="./influence_results", help="where factors and scores are saved")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="recompute factors and scores even if saved ones exist"
+    )
+    parser.add_argument(
+        "--damping_factor",
+        type=parse_damping,
+        default=1e-8,
+        help="number added to the curvature eigenvalues, or 'heuristic' for 0.1 * mean(Lambda)",
+    )
+    parser.add_argument(
+        "--use_empirical_fisher",
+        action="store_true",
+        help="fit factors with the dataset labels instead of labels sampled from the model",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the label sampling for the true Fisher")
+    parser.add_argument(
+        "--save_interval",
+        type=float,
+        default=120.0,
+        help="seconds between saves of a pass's partial results, from which a killed run resumes (default 120)",
+    )
+    add_process_flags(parser)
+
+
+def parse_damping(text: str) -> float | None:
+    if text == "heuristic":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'heuristic', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"damping must be >= 0, got {text}")
+    return value
+
+
+def check_sizes(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise PipelineError(f"--{name} must be a positive number, got {value}")
+
+
+def results_name(strategy: str, half: bool, prefix: str = "") -> str:
+    """Factors and scores are named after the strategy, with _half for bf16 (scores_ekfac, scores_ekfac_half)."""
+    return f"{prefix}{strategy}{'_half' if half else ''}"
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a checkpoint, so results made with other weights are never silently reused."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def influence_arguments(args: argparse.Namespace, info: dict) -> tuple[FactorArguments, ScoreArguments]:
+    factors = FactorArguments(
+        strategy=args.factor_strategy,
+        use_empirical_fisher=args.use_empirical_fisher,
+        use_half_precision=args.use_half_precision,
+        seed=args.seed,
+        info=info,
+    )
+    scores = ScoreArguments(damping_factor=args.damping_factor, use_half_precision=args.use_half_precision, info=info)
+    return factors, scores
+
+
+# ---- Figures ----
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Save a matplotlib figure whole or not at all, creating its folder."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=150)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)

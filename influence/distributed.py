@@ -1,0 +1,202 @@
+"""Several processes (torchrun): which batches are this rank's, sums reduced to rank 0, rank 0 alone on the disk.
+
+Without an initialised process group every method is a no-op on one process, so the engine has one code path.
+With one, the engine's passes run in rounds: in round r, rank k runs batch `first + r * world + k`; after each
+round the ranks meet in one small collective (on a gloo group, so it never waits on a GPU), which is where rank 0
+decides to save a partial result and where a rank that stopped is noticed. Sums (covariances, Lambda, counts) and
+score columns are summed into rank 0 (columns of other ranks are zeros there, so the sum is exact); rank 0 reads
+and writes every file, and what it read is broadcast to the others. Objects cross processes as JSON and tensors,
+never as pickles.
+
+A rank that fails leaves a note in the rendezvous store (see `publish_failure`) and exits; the collective the
+others are waiting in then fails (at once when the process is gone, after the process group's timeout when it
+hangs), and they stop with an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from influence.errors import InfluenceError
+
+T = TypeVar("T")
+FAILURE_KEY = "influence/failed"
+
+# Set by the scripts' process set-up (cli.py); an engine user who initialises torch.distributed themselves may
+# call remember_store() to get failing ranks named.
+_store: dist.Store | None = None
+_timeout: timedelta | None = None
+_control_groups: dict[Any, Any] = {}
+
+
+def remember_store(store: dist.Store | None, timeout: timedelta | None = None) -> None:
+    global _store, _timeout
+    _store, _timeout = store, timeout
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def publish_failure(message: str) -> None:
+    """Leave `rank r: message` where the other ranks look when a collective fails; never raises."""
+    if _store is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        _store.set(FAILURE_KEY, f"rank {dist.get_rank()}: {message}")
+    except Exception:  # the store itself may be gone (rank 0 hosted it); the others still stop on their own
+        pass
+
+
+def _failure_note() -> str | None:
+    if _store is None:
+        return None
+    try:
+        if _store.check([FAILURE_KEY]):
+            return _store.get(FAILURE_KEY).decode()
+    except Exception:
+        return "rank 0 (which holds the rendezvous store) is gone"
+    return None
+
+
+class Group:
+    """This process's view of the job: rank, world size, and the few collectives the engine needs."""
+
+    def __init__(self, device: torch.device, single: bool = False) -> None:
+        """single: a view of this process alone, for work every rank does whole."""
+        self.device = device
+        distributed = active() and not single
+        self.world = dist.get_world_size() if distributed else 1
+        self.rank = dist.get_rank() if distributed else 0
+        self.is_main = self.rank == 0
+        self._control = None
+        self._comm_device = device
+        if self.world > 1:
+            backend = dist.get_backend()
+            self._comm_device = device if backend == "nccl" else torch.device("cpu")
+            key = dist.group.WORLD
+            if key not in _control_groups:  # a collective call: every rank builds its Group at the same point
+                _control_groups[key] = (
+                    dist.new_group(backend="gloo", timeout=_timeout) if backend != "gloo" else dist.group.WORLD
+                )
+            self._control = _control_groups[key]
+
+    def owner(self, batch: int, first: int) -> int:
+        """The rank that runs batch number `batch` of a pass whose first `first` batches are already done."""
+        return (batch - first) % self.world
+
+    # ------------------------------------------------------------------ collectives
+
+    def _collective(self, what: str, run: Callable[[], T]) -> T:
+        try:
+            return run()
+        except RuntimeError as error:  # gloo and nccl report a lost peer or a timeout as RuntimeError subclasses
+            note = _failure_note()
+            if note:
+                raise InfluenceError(f"stopping because {note}") from None
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InfluenceError(
+                f"rank {self.rank} lost contact with the other processes during {what} "
+                f"(another rank stopped or timed out; see its output): {first}"
+            ) from None
+
+    def sync_round(self, main_wants_save: bool) -> bool:
+        """End of a round: every rank learns whether rank 0 wants to save now (and notices a stopped rank)."""
+        if self.world == 1:
+            return main_wants_save
+        flag = torch.tensor([int(main_wants_save and self.is_main)], dtype=torch.int64)
+        self._collective("a pass", lambda: dist.all_reduce(flag, group=self._control))
+        return bool(flag.item())
+
+    def sum_to_main(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over the ranks into rank 0's copy; the other ranks' copies are zeroed."""
+        if self.world == 1:
+            return
+        for tensor in tensors:
+            moved = tensor.to(self._comm_device)
+            self._collective("a reduction", lambda moved=moved: dist.reduce(moved, dst=0))
+            if self.is_main:
+                if moved is not tensor:
+                    tensor.copy_(moved)
+            else:
+                tensor.zero_()
+
+    def share(self, value: T, device: torch.device | str | None = None) -> T:
+        """Rank 0's value on every rank: None, JSON-able data, tensors, or dicts/lists of these.
+
+        The other ranks receive tensors on `device` (default: this group's device)."""
+        device = torch.device(device) if device is not None else self.device
+        if self.world == 1:
+            return value
+        tensors: list[torch.Tensor] = []
+
+        def skeleton(item: Any) -> Any:
+            if isinstance(item, torch.Tensor):
+                tensors.append(item)
+                return {"__tensor__": [list(item.shape), str(item.dtype).removeprefix("torch.")]}
+            if isinstance(item, dict):
+                return {"__dict__": [[key, skeleton(val)] for key, val in item.items()]}
+            if isinstance(item, (list, tuple)):
+                return [skeleton(val) for val in item]
+            return item
+
+        text = json.dumps(skeleton(value)).encode() if self.is_main else b""
+        size = torch.tensor([len(text)], dtype=torch.int64)
+        self._collective("sharing results", lambda: dist.broadcast(size, src=0, group=self._control))
+        if self.is_main:
+            encoded = (
+                torch.frombuffer(bytearray(text), dtype=torch.uint8) if text else torch.empty(0, dtype=torch.uint8)
+            )
+        else:
+            encoded = torch.empty(int(size.item()), dtype=torch.uint8)
+        self._collective("sharing results", lambda: dist.broadcast(encoded, src=0, group=self._control))
+        originals = iter(tensors)
+
+        def rebuild(item: Any) -> Any:
+            if isinstance(item, dict) and "__tensor__" in item:
+                shape, dtype = item["__tensor__"]
+                original = next(originals) if self.is_main else None
+                if original is not None:
+                    buffer = original.to(self._comm_device).contiguous()
+                else:
+                    buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=self._comm_device)
+                self._collective("sharing results", lambda: dist.broadcast(buffer, src=0))
+                return original if original is not None else buffer.to(device)
+            if isinstance(item, dict) and "__dict__" in item:
+                return {key: rebuild(val) for key, val in item["__dict__"]}
+            if isinstance(item, list):
+                return [rebuild(val) for val in item]
+            return item
+
+        return rebuild(json.loads(bytes(encoded.numpy()).decode()))
+
+    def on_main(self, fn: Callable[[], T], device: torch.device | str | None = None) -> T:
+        """Run fn() on rank 0 only (file reads and writes); every rank gets its result (tensors on `device`, see
+        share), or raises its error."""
+        if self.world == 1:
+            return fn()
+        outcome: dict[str, Any] = {}
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                outcome = {"value": fn()}
+            except InfluenceError as caught:
+                outcome, error = {"error": str(caught)}, caught
+            except Exception as caught:
+                outcome, error = {"error": f"rank 0 failed: {type(caught).__name__}: {caught}"}, caught
+        outcome = self.share(outcome, device)
+        if error is not None:
+            raise error
+        if "error" in outcome:
+            raise InfluenceError(outcome["error"])
+        return outcome["value"]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self._collective("a barrier", lambda: dist.barrier(group=self._control))

@@ -1,0 +1,120 @@
+"""One process of the engine's multi-process and interruption tests (tests/test_distributed.py).
+
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=127.0.0.1 MASTER_PORT=.. python tests/engine_worker.py OUT '{"...": ...}'
+
+Fits factors and computes pairwise and self scores for every case of CASES on a tiny float64 CNN, with the
+scripts' own process set-up (cli.start_processes) and error handling (cli.run_cli). Rank 0's engine writes the
+results under OUT/<case>/; every rank also writes the scores the engine returned to it as
+OUT/returned_rank<r>_<case>.safetensors, so the test can check that every rank can read the results.
+
+Options (JSON): "cases" (names, default all), "max_elements" (chunk bound), "save_interval" (seconds),
+"kill": [k, b] (SIGKILL this process when the k-th pass over the training data of this run reaches batch b),
+"fail_rank": r (that rank raises in its first training batch), "timeout" (seconds, the process group's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cli import run_cli, start_processes  # noqa: E402
+from influence import Analyzer, FactorArguments, ScoreArguments  # noqa: E402
+from influence.storage import save_tensors  # noqa: E402
+from tests.reference import TinyTask, batches, make_model  # noqa: E402
+
+NUM_TRAIN = 31  # divisible neither by the batch sizes below nor by 2 or 3 processes
+
+
+def cases() -> dict[str, dict]:
+    """Every strategy, true and empirical Fisher, batches of 7 (5 batches); ekfac also in batches of 16 (2 batches,
+    fewer than 3 processes)."""
+    found = {}
+    for strategy in ("identity", "diagonal", "kfac", "ekfac"):
+        for empirical in (False, True):
+            fisher = "empirical" if empirical else "true"
+            found[f"{strategy}_{fisher}_b7"] = {"strategy": strategy, "empirical": empirical, "batch": 7}
+    found["ekfac_true_b16"] = {"strategy": "ekfac", "empirical": False, "batch": 16}
+    return found
+
+
+class SamplingTask(TinyTask):
+    """TinyTask whose true-Fisher labels are drawn with torch.multinomial from the global RNG, as a real task's."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+
+    def compute_train_loss(self, batch, model, sample=False):
+        if self.fail:
+            raise ValueError("injected failure")
+        x, y = batch
+        logits = model(x)
+        if sample:
+            y = torch.multinomial(logits.detach().softmax(-1), 1).flatten()
+        return F.cross_entropy(logits, y, reduction="sum")
+
+
+class KillingData:
+    """Re-iterable batches that SIGKILL the process at batch `at[1]` of the `at[0]`-th pass (counted from 1)."""
+
+    def __init__(self, items, at=None):
+        self.items, self.at, self.passes = items, at, 0
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        self.passes += 1
+        for index, item in enumerate(self.items):
+            if self.at is not None and [self.passes, index] == list(self.at):
+                sys.stdout.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield item
+
+
+def run(out: Path, options: dict) -> None:
+    """Every case of `options`, saved under out/<case> (by rank 0) and out/returned_rank<r>_<case>.safetensors."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    model, x, y = make_model("cnn")
+    x, y = x[:NUM_TRAIN], y[:NUM_TRAIN]
+    queries = batches(x[:5] + 0.1, y[:5], 3)
+    task = SamplingTask(fail=options.get("fail_rank") == rank)
+    for name in options.get("cases") or list(cases()):
+        case = cases()[name]
+        train = KillingData(batches(x, y, case["batch"]), options.get("kill"))
+        analyzer = Analyzer(
+            name,
+            model,
+            task,
+            output_dir=out,
+            disable_tqdm=True,
+            save_interval=options.get("save_interval", 120.0),
+            max_elements=options.get("max_elements"),
+        )
+        factor_args = FactorArguments(strategy=case["strategy"], use_empirical_fisher=case["empirical"], seed=3)
+        analyzer.fit_all_factors(case["strategy"], train, factor_args)
+        score_args = ScoreArguments(damping_factor=None, per_module=True)
+        pairwise = analyzer.compute_pairwise_scores("pairwise", case["strategy"], queries, train, score_args)
+        own = analyzer.compute_self_scores("self", case["strategy"], train, score_args)
+        returned = {f"pairwise/{k}": v for k, v in pairwise.items()} | {f"self/{k}": v for k, v in own.items()}
+        save_tensors(out / f"returned_rank{rank}_{name}.safetensors", returned)
+
+
+def main() -> None:
+    out, options = Path(sys.argv[1]), json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+    start_processes(options.get("timeout", 60.0))
+    run(out, options)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,219 @@
+"""Run everything the README reports, at one scale, in one command, keeping every log.
+
+    python walkthrough.py --scale cpu [--noisy_labels cifar10n_train_labels.npz]    # about 1.5 hours on 2 cores
+    python walkthrough.py --scale gpu [--noisy_labels ...]                           # the original full job
+
+Each step is one of the project's scripts; its output goes to walkthrough_logs/<scale>/<step>.log, the figures
+to figure/<scale>/, and walkthrough_logs/<scale>/summary.md collects every step's printed results (training
+accuracies, timing tables, the bf16 check, detection tables with ROC AUC, benchmarks) with its wall time and
+peak memory. A step that finished is skipped when the walk-through is started again (--force reruns them), so
+an interrupted walk-through continues where it stopped, as do the influence passes inside a step.
+
+Scales:
+  cpu: a model that fits its labels on a subset a 2-core CPU trains in minutes (see CPU below), every strategy
+       for mislabel detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on
+       CPUs without bf16 units), the benchmark, and the same jobs split over 2 processes.
+  gpu: the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32 and
+       bf16, self-influence of all 50,000, every strategy, and the full-size benchmark.
+CIFAR-10N labels (--noisy_labels, an .npz with an `aggre_label` array) add the real-label-noise steps.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cli import ArgumentParser, run_cli
+from pipeline import BATCHES_FOLDER, PipelineError
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+
+# Training recipes: the original optimiser and schedule (SGD, learning rate 0.4 reached linearly at 20% of the
+# steps then decayed linearly to 0, weight decay 1e-3, crops and flips); the CPU recipe takes a subset small enough
+# to train in minutes and enough steps (small batches) for the model to fit its own labels, wrong ones included.
+SCALES = {
+    "cpu": {
+        "train": ["--num_train", "2000", "--train_batch_size", "32", "--num_train_epochs", "30"],
+        "influence": ["--num_train", "2000"],
+        "queries": ["--num_queries", "100", "--query_batch_size", "100"],
+        "half_check": ["--num_train", "200", "--num_queries", "20", "--query_batch_size", "20"],
+        "bench": ["--num_train", "1000", "--num_queries", "50", "--dataset_dir", "./data"],
+        "bench_bf16": ["--num_train", "200", "--num_queries", "20", "--dataset_dir", "./data"],
+        # 4 batches, so that 2 processes get 2 each
+        "scaling": ["--num_train", "512", "--train_batch_size", "128"],
+        "scaling_queries": ["--num_queries", "32", "--query_batch_size", "32"],
+    },
+    "gpu": {
+        "train": ["--use_channels_last"],
+        "influence": [],
+        "queries": ["--query_batch_size", "1000"],
+        "half_check": ["--query_batch_size", "1000"],
+        "bench": [
+            "--num_train",
+            "50000",
+            "--num_queries",
+            "2000",
+            "--query_batch_size",
+            "1000",
+            "--dataset_dir",
+            "./data",
+        ],
+        "scaling": None,  # one GPU here; several are run with torchrun the same way
+        "scaling_queries": None,
+    },
+}
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", required=True, help="cpu (the README's walk-through) or gpu (the full job)")
+    parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
+    parser.add_argument(
+        "--cifar_source",
+        default=None,
+        help="folder with make_cifar10.py and its .npz, to write an offline CIFAR-10 copy when the data is missing",
+    )
+    parser.add_argument(
+        "--noisy_labels", default=None, help="CIFAR-10N labels (.npz with aggre_label) for the real-noise steps"
+    )
+    parser.add_argument("--log_dir", default="./walkthrough_logs", help="where logs and summary.md go")
+    parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
+    parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
+    args = parser.parse_args(argv)
+    if args.scale not in SCALES:
+        parser.error(f"unknown scale {args.scale!r}: choose one of {', '.join(SCALES)}")
+    if args.noisy_labels is not None and not Path(args.noisy_labels).is_file():
+        parser.error(f"--noisy_labels {args.noisy_labels} is not a file")
+    return args
+
+
+def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, command, extra environment) of every step, in order."""
+    scale = SCALES[args.scale]
+    py = [sys.executable]
+    figures = f"figure/{args.scale}"
+    data = ["--dataset_dir", args.dataset_dir, "--checkpoint_dir", f"./checkpoints/{args.scale}"]
+    results = ["--output_dir", f"./influence_results/{args.scale}"]
+    noisy = ["--noisy_labels", args.noisy_labels, "--noisy_labels_key", "aggre_label"] if args.noisy_labels else None
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    torchrun = [*py, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+
+    found = [
+        ("train_clean", [*py, "train.py", *data, *scale["train"]], {}),
+        ("train_corrupt", [*py, "train.py", *data, *scale["train"], "--corrupt_percentage", "0.1"], {}),
+    ]
+    if noisy:
+        found.append(("train_noisy", [*py, "train.py", *data, *scale["train"], *noisy], {}))
+    analyze = [*py, "analyze.py", *data, *results, *scale["influence"], "--factor_strategy", "ekfac", "--profile"]
+    found.append(("analyze_ekfac", [*analyze, *scale["queries"]], {}))
+    half = [*results[:1], f"./influence_results/{args.scale}_half_check"]
+    half_data = [*py, "analyze.py", *data, *half, "--factor_strategy", "ekfac", "--profile", *scale["half_check"]]
+    found += [
+        ("half_check_fp32", half_data, {}),
+        ("half_check_bf16", [*half_data, "--use_half_precision"], {}),
+        ("half_precision", [*py, "half_precision_analysis.py", *half, "--figure", f"{figures}/half_precision.png"], {}),
+        (
+            "top_influential",
+            [*py, "top_influential.py", "--dataset_dir", args.dataset_dir, *results, "--queries", "0", "1", "2", "3"]
+            + ["--figure", f"{figures}/top_influential.png"],
+            {},
+        ),
+    ]
+    detect = [*py, "detect_mislabeled_dataset.py", *data, *results, *scale["influence"], "--profile"]
+    for strategy in STRATEGIES:  # the last run prints the columns of every strategy
+        figure = ["--figure", f"{figures}/mislabel.png"]
+        found.append((f"detect_{strategy}", [*detect, *figure, "--factor_strategy", strategy], {}))
+    if noisy:
+        figure = ["--figure", f"{figures}/mislabel_noisy_aggre_label.png"]
+        found.append(("detect_noisy_ekfac", [*detect, *noisy, *figure, "--factor_strategy", "ekfac"], {}))
+    bench = ["bench.py", *scale["bench"]]
+    found.append(("bench_fp32", [*py, *bench, "--save_interval", "15"], {}))
+    found.append(("bench_bf16", [*py, "bench.py", *scale["bench_bf16"], "--use_half_precision"], {}))
+    if scale["scaling"] is not None:
+        # The same jobs on one thread in one process, and split over 2 processes of one thread each.
+        for name, script, extra in (
+            ("bench", "bench.py", scale["bench"]),
+            ("detect", "detect_mislabeled_dataset.py", [*data, *scale["scaling"], "--factor_strategy", "ekfac"]),
+            (
+                "analyze",
+                "analyze.py",
+                [*data, *scale["scaling"], *scale["scaling_queries"], "--factor_strategy", "ekfac"],
+            ),
+        ):
+            for processes, launcher in ((1, py), (2, torchrun)):
+                out = ["--output_dir", f"./influence_results/{args.scale}_scaling_{processes}"]
+                profile = [] if script == "bench.py" else [*out, "--overwrite_output_dir", "--profile"]
+                if script == "detect_mislabeled_dataset.py":
+                    profile += ["--figure", f"./influence_results/{args.scale}_scaling_{processes}/mislabel.png"]
+                found.append((f"scaling_{name}_{processes}proc", [*launcher, script, *extra, *profile], one_thread))
+    return found
+
+
+def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path) -> tuple[float, float]:
+    """Run one step: results (stdout) to <name>.log, progress bars (stderr) to <name>.err.
+
+    Returns (seconds, peak resident memory of the step's processes in GiB).
+    """
+    log, err = log_dir / f"{name}.log", log_dir / f"{name}.err"
+    shown = f"{' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(command)}".strip()
+    print(f"== {name}: {shown}", flush=True)
+    start = time.monotonic()
+    with open(log, "w") as out, open(err, "w") as progress:
+        out.write(f"$ {shown}\n")
+        out.flush()
+        process = subprocess.Popen(command, stdout=out, stderr=progress, env={**os.environ, **env})
+        _, status, usage = os.wait4(process.pid, 0)  # the rusage of this step's processes alone
+    seconds = time.monotonic() - start
+    code = os.waitstatus_to_exitcode(status)
+    print(log.read_text().split("\n", 1)[1], end="", flush=True)
+    if code != 0:
+        print(err.read_text()[-4000:], file=sys.stderr)
+        raise PipelineError(f"step {name} failed (exit status {code}); its logs: {log}, {err}")
+    peak = usage.ru_maxrss / 2**20
+    (log_dir / f"{name}.done").write_text(f"{seconds:.1f} {peak:.2f}\n")
+    print(f"== {name}: {seconds:.0f} s, peak memory {peak:.2f} GiB", flush=True)
+    return seconds, peak
+
+
+def write_summary(args, done: list[tuple[str, list[str], float, float]], log_dir: Path) -> Path:
+    lines = [f"# Walk-through at scale {args.scale}", ""]
+    total = sum(seconds for _, _, seconds, _ in done)
+    lines += [f"Total: {total / 60:.1f} minutes over {len(done)} steps.", ""]
+    lines += ["| step | seconds | peak memory (GiB) |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {seconds:.0f} | {peak:.2f} |" for name, _, seconds, peak in done]
+    for name, _, seconds, _ in done:
+        text = (log_dir / f"{name}.log").read_text()
+        lines += ["", f"## {name} ({seconds:.0f} s)", "", "```", text.rstrip(), "```"]
+    path = log_dir / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main() -> None:
+    args = parse_args()
+    log_dir = Path(args.log_dir) / args.scale
+    plan = steps(args)
+    if args.dry_run:
+        for name, command, env in plan:
+            print(f"{name}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(command)}")
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if not (Path(args.dataset_dir) / BATCHES_FOLDER).is_dir() and args.cifar_source:
+        subprocess.run([sys.executable, str(Path(args.cifar_source) / "make_cifar10.py"), args.dataset_dir], check=True)
+    done = []
+    for name, command, env in plan:
+        marker = log_dir / f"{name}.done"
+        if marker.exists() and not args.force:
+            seconds, peak = (float(v) for v in marker.read_text().split())
+            print(f"== {name}: done before ({seconds:.0f} s), skipped")
+        else:
+            seconds, peak = run_step(name, command, env, log_dir)
+        done.append((name, command, seconds, peak))
+    print(f"Summary: {write_summary(args, done, log_dir)}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
