@@ -300,3 +300,21 @@ def test_torchrun_train_and_detect(workspace, fake_cifar_dir, tmp_path):
         for name in ("one", "two")
     )
     assert ((two - one).norm() / one.norm()).item() < 1e-5
+
+
+def test_walkthrough_arguments(tmp_path):
+    for args, message in (
+        (["--scale", "tpu"], "unknown scale 'tpu': choose one of cpu, gpu"),
+        ([], "the following arguments are required: --scale"),
+        (["--scale", "cpu", "--noisy_labels", str(tmp_path / "none.npz")], "is not a file"),
+    ):
+        result = run("walkthrough.py", *args, expect=2)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr, result.stderr
+    plan = run("walkthrough.py", "--scale", "cpu", "--dry_run", "--log_dir", str(tmp_path)).stdout
+    steps = [line.split(":")[0] for line in plan.splitlines()]
+    assert steps[:2] == ["train_clean", "train_corrupt"] and "train_noisy" not in steps
+    assert {f"detect_{strategy}" for strategy in ("identity", "diagonal", "kfac", "ekfac")} <= set(steps)
+    assert "--num_train 2000" in plan and not (tmp_path / "cpu").exists()  # a dry run writes nothing
+    full = run("walkthrough.py", "--scale", "gpu", "--dry_run").stdout
+    assert "--num_train" not in full.split("bench_fp32")[0]  # the full job uses every training image
