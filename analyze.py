@@ -24,12 +24,12 @@ from cli import (
     influence_arguments,
     is_main,
     keep_freed_memory,
+    make_analyzer,
     results_name,
     run_cli,
     start_processes,
 )
-from influence import Analyzer
-from pipeline import ClassificationTask, TensorBatches, checkpoint_path, get_cifar10, load_model
+from pipeline import TensorBatches, checkpoint_path, get_cifar10, load_model
 
 
 def parse_args():
@@ -62,14 +62,7 @@ def main() -> None:
     score_args.info = {**data_info, "num_queries": len(queries)}
     name = results_name(args.factor_strategy, args.use_half_precision)
 
-    analyzer = Analyzer(
-        "cifar10",
-        model,
-        ClassificationTask(),
-        output_dir=args.output_dir,
-        profile=args.profile,
-        save_interval=args.save_interval,
-    )
+    analyzer = make_analyzer("cifar10", model, args)
     train_batches = TensorBatches(train, args.train_batch_size)
     analyzer.fit_all_factors(name, train_batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     scores = analyzer.compute_pairwise_scores(

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from influence import STRATEGIES, FactorArguments, InfluenceError, ScoreArguments
+from influence import STRATEGIES, Analyzer, FactorArguments, InfluenceError, ScoreArguments
 from influence import distributed as influence_distributed
-from pipeline import PipelineError, get_device
+from pipeline import ClassificationTask, PipelineError, get_device
 
 # ---- Errors and arguments ----
 
@@ -226,6 +226,18 @@ def file_fingerprint(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def make_analyzer(analysis_name: str, model: torch.nn.Module, args: argparse.Namespace) -> Analyzer:
+    """The engine on the scripts' task, with the flags of add_influence_flags."""
+    return Analyzer(
+        analysis_name,
+        model,
+        ClassificationTask(),
+        output_dir=args.output_dir,
+        profile=args.profile,
+        save_interval=args.save_interval,
+    )
 
 
 def influence_arguments(args: argparse.Namespace, info: dict) -> tuple[FactorArguments, ScoreArguments]:

@@ -36,15 +36,15 @@ from cli import (
     influence_arguments,
     is_main,
     keep_freed_memory,
+    make_analyzer,
     results_name,
     run_cli,
     save_figure,
     start_processes,
 )
-from influence import STRATEGIES, Analyzer
+from influence import STRATEGIES
 from pipeline import (
     CLASSES,
-    ClassificationTask,
     PipelineError,
     TensorBatches,
     checkpoint_path,
@@ -197,14 +197,7 @@ def main() -> None:
     prefix = f"noisy_{args.noisy_labels_key}_" if noisy else ""
     name = results_name(args.factor_strategy, args.use_half_precision, prefix)
 
-    analyzer = Analyzer(
-        "mislabeled",
-        model,
-        ClassificationTask(),
-        output_dir=args.output_dir,
-        profile=args.profile,
-        save_interval=args.save_interval,
-    )
+    analyzer = make_analyzer("mislabeled", model, args)
     batches = TensorBatches(train, args.train_batch_size)
     analyzer.fit_all_factors(name, batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     own = analyzer.compute_self_scores(name, name, batches, score_args, overwrite_output_dir=args.overwrite_output_dir)[

@@ -340,27 +340,40 @@ class Analyzer:
         with self.profiler.record("Load All Factors"):
             return self.load_all_factors(factors_name)
 
+    def _factor_pass(
+        self,
+        result: Path,
+        accumulator: Sums,
+        dataset: Iterable[Any],
+        args: FactorArguments,
+        desc: str,
+        dtype: torch.dtype,
+    ) -> None:
+        """A resumable pass over the training data accumulating `accumulator` under the factor arguments' loss."""
+        self._resumable_pass(
+            result,
+            accumulator,
+            lambda **resume: self._pass(
+                dataset,
+                accumulator.update,
+                "train" if args.use_empirical_fisher else "sampled",
+                args.use_half_precision,
+                desc,
+                dtype=dtype,
+                limit=args.max_examples,
+                seed=args.seed,
+                **resume,
+            ),
+            desc,
+        )
+
     def _fit_covariance(self, folder: Path, dataset: Iterable[Any], args: FactorArguments) -> None:
         if self._exists(*(folder / f"{name}.safetensors" for name in COVARIANCES)):
             return
         accumulator = CovarianceAccumulator(self.layers, self.dtype, self.device)
         result = folder / "activation_covariance.safetensors"
         with self.profiler.record("Fit Covariance"):
-            self._resumable_pass(
-                result,
-                accumulator,
-                lambda **resume: self._pass(
-                    dataset,
-                    accumulator.update,
-                    "train" if args.use_empirical_fisher else "sampled",
-                    args.use_half_precision,
-                    "Fit covariance",
-                    limit=args.max_examples,
-                    seed=args.seed,
-                    **resume,
-                ),
-                "Fit covariance",
-            )
+            self._factor_pass(result, accumulator, dataset, args, "Fit covariance", self.dtype)
 
         def save() -> None:
             activation, gradient, rows = accumulator.finish()
@@ -414,21 +427,8 @@ class Analyzer:
             eigenvectors = {name: (q_a[name], q_s[name]) for name in q_a}
         accumulator = LambdaAccumulator(self.layers, self.dtype, self.device, eigenvectors)
         with self.profiler.record("Fit Lambda"):
-            self._resumable_pass(
-                result,
-                accumulator,
-                lambda **resume: self._pass(
-                    dataset,
-                    accumulator.update,
-                    "train" if args.use_empirical_fisher else "sampled",
-                    args.use_half_precision,
-                    "Fit Lambda",
-                    dtype=self._pass_dtype(args.use_half_precision),
-                    limit=args.max_examples,
-                    seed=args.seed,
-                    **resume,
-                ),
-                "Fit Lambda",
+            self._factor_pass(
+                result, accumulator, dataset, args, "Fit Lambda", self._pass_dtype(args.use_half_precision)
             )
 
         def save() -> None:
