@@ -72,7 +72,8 @@ def summed(value: float, op=None) -> float:
     """A number added up (or reduced with `op`) over the ranks; itself in one process."""
     if not dist.is_initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor.item()
 

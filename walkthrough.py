@@ -126,6 +126,13 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
     bench = ["bench.py", *scale["bench"]]
     found.append(("bench_fp32", [*py, *bench, "--save_interval", "15"], {}))
     found.append(("bench_bf16", [*py, "bench.py", *scale["bench_bf16"], "--use_half_precision"], {}))
+    if args.scale == "cpu":
+        # Whole batches of 512 (the default, in bounded chunks per layer) against smaller batches, same job.
+        for size in (512, 256, 128, 64):
+            out = ["--output_dir", f"./influence_results/cpu_batch_{size}", "--overwrite_output_dir"]
+            figure = ["--figure", f"./influence_results/cpu_batch_{size}/mislabel.png"]
+            command = [*py, "detect_mislabeled_dataset.py", *data, "--num_train", "512", "--profile", *out, *figure]
+            found.append((f"batch_size_{size}", [*command, "--train_batch_size", str(size)], {}))
     if scale["scaling"] is not None:
         # The same jobs on one thread in one process, and split over 2 processes of one thread each.
         for name, script, extra in (
