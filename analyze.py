@@ -28,6 +28,7 @@ from cli import (
     results_name,
     run_cli,
     start_processes,
+    train_batch_size,
 )
 from pipeline import TensorBatches, checkpoint_path, get_cifar10, load_model
 
@@ -52,6 +53,7 @@ def main() -> None:
     check_sizes(args, "query_batch_size", "train_batch_size", "num_queries")
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
+    args.train_batch_size = train_batch_size(args, device)
     checkpoint = checkpoint_path(args.checkpoint_dir)
     model = load_model(checkpoint, device)
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)

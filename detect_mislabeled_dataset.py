@@ -41,6 +41,7 @@ from cli import (
     run_cli,
     save_figure,
     start_processes,
+    train_batch_size,
 )
 from influence import STRATEGIES
 from pipeline import (
@@ -175,6 +176,7 @@ def main() -> None:
     check_sizes(args, "train_batch_size", "top_k")
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
+    args.train_batch_size = train_batch_size(args, device)
     noisy = args.noisy_labels is not None
     corrupt = None if noisy else args.corrupt_percentage
     checkpoint = checkpoint_path(args.checkpoint_dir, corrupt, args.noisy_labels_key if noisy else None)

@@ -318,3 +318,13 @@ def test_walkthrough_arguments(tmp_path):
     assert "--num_train 2000" in plan and not (tmp_path / "cpu").exists()  # a dry run writes nothing
     full = run("walkthrough.py", "--scale", "gpu", "--dry_run").stdout
     assert "--num_train" not in full.split("bench_fp32")[0]  # the full job uses every training image
+
+
+def test_default_train_batch_size_follows_the_device():
+    from argparse import Namespace
+
+    from cli import train_batch_size
+
+    assert train_batch_size(Namespace(train_batch_size=None), torch.device("cuda")) == 512
+    assert train_batch_size(Namespace(train_batch_size=None), torch.device("cpu")) == 128
+    assert train_batch_size(Namespace(train_batch_size=48), torch.device("cuda")) == 48
