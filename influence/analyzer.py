@@ -38,7 +38,7 @@ from tqdm import tqdm
 from influence import flops
 from influence.arguments import FactorArguments, ScoreArguments, to_dict
 from influence.capture import Capture, backward_batch, per_example_gradient, to_device
-from influence.distributed import Group
+from influence.distributed import Group, balanced_owners
 from influence.errors import InfluenceError
 from influence.factors import CovarianceAccumulator, LambdaAccumulator, Sums, eigendecomposition, kfac_lambda
 from influence.modules import Layer, find_layers
@@ -334,7 +334,7 @@ class Analyzer:
         eigen, fit_lambda = _needs(args.strategy)
         if eigen:
             self._fit_covariance(folder, dataset, args)
-            self.group.on_main(lambda: self._perform_eigendecomposition(folder, args))
+            self._perform_eigendecomposition(folder, args)
         if fit_lambda:
             self._fit_lambda(folder, dataset, args)
         with self.profiler.record("Load All Factors"):
@@ -385,31 +385,53 @@ class Analyzer:
         self.group.on_main(save)
 
     def _perform_eigendecomposition(self, folder: Path, args: FactorArguments) -> None:
-        """Rank 0 only: read the covariances, decompose them, save the eigenbases (and K-FAC's Lambda)."""
+        """Rank 0 reads the covariances and shares them; each rank decomposes its share of them (the one step of a
+        factor fit that is not a pass over the data, so it would otherwise bound the speed-up); rank 0 saves."""
         done = [folder / f"{name}.safetensors" for name in EIGENDECOMPOSITION]
-        if all(path.exists() for path in done) and (
-            args.strategy != "kfac" or (folder / f"{LAMBDA}.safetensors").exists()
-        ):
+
+        def read() -> dict[str, dict[str, torch.Tensor]] | None:
+            if all(path.exists() for path in done) and (
+                args.strategy != "kfac" or (folder / f"{LAMBDA}.safetensors").exists()
+            ):
+                return None
+            with self.profiler.record("Load Covariance"):
+                return {name: load_tensors(folder / f"{name}.safetensors", self.device) for name in COVARIANCES}
+
+        covariances = self.group.on_main(read)
+        if covariances is None:
             return
-        with self.profiler.record("Load Covariance"):
-            covariances = {name: load_tensors(folder / f"{name}.safetensors", self.device) for name in COVARIANCES}
+        jobs = [
+            (side, module, covariance)
+            for side in ("activation", "gradient")
+            for module, covariance in covariances[f"{side}_covariance"].items()
+        ]
+        owners = balanced_owners([covariance.shape[0] ** 3 for _, _, covariance in jobs], self.group.world)
         results: dict[str, dict[str, torch.Tensor]] = {name: {} for name in EIGENDECOMPOSITION}
         with self.profiler.record("Perform Eigendecomposition"):
-            for side in ("activation", "gradient"):
-                for module, covariance in covariances[f"{side}_covariance"].items():
+            for (side, module, covariance), owner in zip(jobs, owners, strict=True):
+                if owner == self.group.rank:
                     values, vectors = eigendecomposition(covariance, self.dtype)
-                    results[f"{side}_eigenvalues"][module] = values
-                    results[f"{side}_eigenvectors"][module] = vectors
-        with self.profiler.record("Save Eigendecomposition"):
-            for name, tensors in results.items():
-                save_tensors(folder / f"{name}.safetensors", tensors)
-        if args.strategy == "kfac":
-            lambdas = {
-                module: kfac_lambda(results["gradient_eigenvalues"][module], values)
-                for module, values in results["activation_eigenvalues"].items()
-            }
-            with self.profiler.record("Save Lambda"):
-                save_tensors(folder / f"{LAMBDA}.safetensors", lambdas)
+                else:  # zeros, so that the sum into rank 0 is the owner's result exactly
+                    size = covariance.shape[0]
+                    values = torch.zeros(size, dtype=self.dtype, device=self.device)
+                    vectors = torch.zeros(size, size, dtype=self.dtype, device=self.device)
+                results[f"{side}_eigenvalues"][module] = values
+                results[f"{side}_eigenvectors"][module] = vectors
+            self.group.sum_to_main([tensor for tensors in results.values() for tensor in tensors.values()])
+
+        def save() -> None:
+            with self.profiler.record("Save Eigendecomposition"):
+                for name, tensors in results.items():
+                    save_tensors(folder / f"{name}.safetensors", tensors)
+            if args.strategy == "kfac":
+                lambdas = {
+                    module: kfac_lambda(results["gradient_eigenvalues"][module], values)
+                    for module, values in results["activation_eigenvalues"].items()
+                }
+                with self.profiler.record("Save Lambda"):
+                    save_tensors(folder / f"{LAMBDA}.safetensors", lambdas)
+
+        self.group.on_main(save)
 
     def _fit_lambda(self, folder: Path, dataset: Iterable[Any], args: FactorArguments) -> None:
         result = folder / f"{LAMBDA}.safetensors"

@@ -65,6 +65,17 @@ def _failure_note() -> str | None:
     return None
 
 
+def balanced_owners(costs: list[float], world: int) -> list[int]:
+    """A rank for each job, largest first to the least loaded rank (ties: lowest rank), so ranks finish together."""
+    owners = [0] * len(costs)
+    loads = [0.0] * world
+    for job in sorted(range(len(costs)), key=lambda job: (-costs[job], job)):
+        rank = min(range(world), key=lambda rank: (loads[rank], rank))
+        owners[job] = rank
+        loads[rank] += costs[job]
+    return owners
+
+
 class Group:
     """This process's view of the job: rank, world size, and the few collectives the engine needs."""
 
@@ -119,7 +130,7 @@ class Group:
         if self.world == 1:
             return
         for tensor in tensors:
-            moved = tensor.to(self._comm_device)
+            moved = tensor.to(self._comm_device).contiguous()  # collectives work on the storage as laid out
             self._collective("a reduction", lambda moved=moved: dist.reduce(moved, dst=0))
             if self.is_main:
                 if moved is not tensor:
