@@ -168,7 +168,7 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="training examples per forward/backward in the influence passes (default: 512 on a GPU, 128 on the "
-        "CPU, where larger batches only add memory traffic)",
+        "CPU, where larger batches were slower and used more memory)",
     )
     parser.add_argument("--output_dir", default="./influence_results", help="where factors and scores are saved")
     parser.add_argument(
