@@ -216,7 +216,7 @@ def check_sizes(args: argparse.Namespace, *names: str) -> None:
 
 def train_batch_size(args: argparse.Namespace, device: torch.device) -> int:
     """--train_batch_size, or the device's default: a GPU wants large batches; on a 2-core CPU, batches of 512
-    made detection on 512 images 8% slower than 128 or 64 (all of it in the covariance pass) for more memory."""
+    made detection on 512 images 8% slower than 128 or 64 (mostly in the covariance pass) and used more memory."""
     if args.train_batch_size is not None:
         return args.train_batch_size
     return 512 if device.type == "cuda" else 128

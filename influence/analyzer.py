@@ -246,20 +246,14 @@ class Analyzer:
         partial = partial_path(result)
 
         def resume() -> dict[str, Any] | None:
-            if not partial.exists():
-                return None
-            loaded = load_partial(partial, self.device)
-            if isinstance(loaded, str):
-                self._log(f"{desc}: discarding {partial} ({loaded}); starting the pass over")
-                partial.unlink()
+            loaded = self._read_partial(partial, desc, self.device)
+            if loaded is None:
                 return None
             tensors, progress = loaded
             try:
                 state.load(tensors)
             except (KeyError, ValueError, RuntimeError):
-                self._log(f"{desc}: discarding {partial} (made for another model); starting the pass over")
-                partial.unlink()
-                return None
+                return self._discard_partial(partial, desc, "made for another model")
             return progress
 
         progress = self.group.on_main(resume) or {"batches": 0, "sizes": []}
@@ -285,6 +279,21 @@ class Analyzer:
             sizes = run(first=0, done_sizes=None, save=save)
         state.flush(self.group, sum(sizes))
         return sizes
+
+    def _read_partial(
+        self, partial: Path, desc: str, device: torch.device | str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """Rank 0: (tensors, progress) saved by an interrupted run, or None (none saved, or discarded as unusable)."""
+        if not partial.exists():
+            return None
+        loaded = load_partial(partial, device)
+        if isinstance(loaded, str):
+            return self._discard_partial(partial, desc, loaded)
+        return loaded
+
+    def _discard_partial(self, partial: Path, desc: str, reason: str) -> None:
+        self._log(f"{desc}: discarding {partial} ({reason}); starting the pass over")
+        partial.unlink()
 
     def _drop_partial(self, result: Path) -> None:
         partial_path(result).unlink(missing_ok=True)
@@ -596,17 +605,7 @@ class Analyzer:
         """Every query batch's block of scores, joined on rank 0 (None elsewhere); resumes from a partial file."""
         partial = partial_path(path)
 
-        def resume() -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-            if not partial.exists():
-                return None
-            loaded = load_partial(partial, "cpu")
-            if isinstance(loaded, str):
-                self._log(f"Pairwise scores: discarding {partial} ({loaded}); starting over")
-                partial.unlink()
-                return None
-            return loaded
-
-        resumed = self.group.on_main(resume)
+        resumed = self.group.on_main(lambda: self._read_partial(partial, "Pairwise scores", "cpu"))
         rows: dict[str, torch.Tensor] = {}
         done_sizes: list[int] = []
         if resumed is not None:
