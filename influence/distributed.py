@@ -8,9 +8,18 @@ score columns are summed into rank 0 (columns of other ranks are zeros there, so
 and writes every file, and what it read is broadcast to the others. Objects cross processes as JSON and tensors,
 never as pickles.
 
+Which wire each collective takes (see `route`): the small meetings always go through gloo on the CPU; sums and
+shared tensors go through nccl when the model is on a GPU and the job's group is nccl, and through gloo otherwise
+(nccl moves only CUDA tensors: a model kept on the CPU under an nccl job, as in `bench.py --device cpu` on a GPU
+host, reduces through gloo).
+
 A rank that fails leaves a note in the rendezvous store (see `publish_failure`) and exits; the collective the
 others are waiting in then fails (at once when the process is gone, after the process group's timeout when it
-hangs), and they stop with an error naming it.
+hangs), and they stop with an error naming it. gloo blocks the host in every collective, so this holds at any
+collective. nccl does not block the host: a peer that died leaves the others waiting on the GPU until nccl's
+watchdog ends them, without that line. So every group of nccl collectives is preceded by a gloo meeting (sums: a
+barrier; shared tensors: the broadcast of their description), where a rank that stopped is noticed as with gloo;
+only a rank that dies inside the nccl collectives themselves is left to the watchdog (after --dist_timeout).
 """
 
 from __future__ import annotations
@@ -65,6 +74,26 @@ def _failure_note() -> str | None:
     return None
 
 
+def route(backend: str, device: torch.device) -> tuple[torch.device, bool]:
+    """(device the tensors of a sum or a broadcast travel on, whether they take the job's nccl group).
+
+    nccl moves only CUDA tensors, and gloo reduces only CPU ones: a model on a GPU under nccl reduces on its GPU;
+    anything else (gloo jobs, or a model left on the CPU under nccl) copies to the CPU and takes the gloo group."""
+    if device.type == "cuda" and "nccl" in backend:
+        return device, True
+    return torch.device("cpu"), False
+
+
+def control_group() -> Any:
+    """The job's gloo group: the world group of a gloo job, otherwise one made once (a collective call, so every
+    rank must reach it at the same point). gloo collectives block the host, so a rank that stopped is noticed."""
+    key = dist.group.WORLD
+    if key not in _control_groups:
+        gloo = dist.get_backend() == "gloo"
+        _control_groups[key] = dist.group.WORLD if gloo else dist.new_group(backend="gloo", timeout=_timeout)
+    return _control_groups[key]
+
+
 def balanced_owners(costs: list[float], world: int) -> list[int]:
     """A rank for each job, largest first to the least loaded rank (ties: lowest rank), so ranks finish together."""
     owners = [0] * len(costs)
@@ -87,16 +116,13 @@ class Group:
         self.rank = dist.get_rank() if distributed else 0
         self.is_main = self.rank == 0
         self._control = None
-        self._comm_device = device
+        self._data = None  # the group sums and shared tensors take
+        self._comm_device = torch.device("cpu")
+        self._on_gpu_group = False
         if self.world > 1:
-            backend = dist.get_backend()
-            self._comm_device = device if backend == "nccl" else torch.device("cpu")
-            key = dist.group.WORLD
-            if key not in _control_groups:  # a collective call: every rank builds its Group at the same point
-                _control_groups[key] = (
-                    dist.new_group(backend="gloo", timeout=_timeout) if backend != "gloo" else dist.group.WORLD
-                )
-            self._control = _control_groups[key]
+            self._control = control_group()  # every rank builds its Group at the same point
+            self._comm_device, self._on_gpu_group = route(dist.get_backend(), device)
+            self._data = dist.group.WORLD if self._on_gpu_group else self._control
 
     def owner(self, batch: int, first: int) -> int:
         """The rank that runs batch number `batch` of a pass whose first `first` batches are already done."""
@@ -129,9 +155,11 @@ class Group:
         """Sum each tensor over the ranks into rank 0's copy; the other ranks' copies are zeroed."""
         if self.world == 1:
             return
+        if self._on_gpu_group:  # nccl does not block the host: meet on gloo first, where a stopped rank is noticed
+            self.barrier()
         for tensor in tensors:
             moved = tensor.to(self._comm_device).contiguous()  # collectives work on the storage as laid out
-            self._collective("a reduction", lambda moved=moved: dist.reduce(moved, dst=0))
+            self._collective("a reduction", lambda moved=moved: dist.reduce(moved, dst=0, group=self._data))
             if self.is_main:
                 if moved is not tensor:
                     tensor.copy_(moved)
@@ -177,7 +205,7 @@ class Group:
                     buffer = original.to(self._comm_device).contiguous()
                 else:
                     buffer = torch.empty(shape, dtype=getattr(torch, dtype), device=self._comm_device)
-                self._collective("sharing results", lambda: dist.broadcast(buffer, src=0))
+                self._collective("sharing results", lambda: dist.broadcast(buffer, src=0, group=self._data))
                 return original if original is not None else buffer.to(device)
             if isinstance(item, dict) and "__dict__" in item:
                 return {key: rebuild(val) for key, val in item["__dict__"]}

@@ -9,7 +9,10 @@ OUT/returned_rank<r>_<case>.safetensors, so the test can check that every rank c
 
 Options (JSON): "cases" (names, default all), "max_elements" (chunk bound), "save_interval" (seconds),
 "kill": [k, b] (SIGKILL this process when the k-th pass over the training data of this run reaches batch b),
-"fail_rank": r (that rank raises in its first training batch), "timeout" (seconds, the process group's).
+"fail_rank": r (that rank raises in its first training batch), "timeout" (seconds, the process group's),
+"device": the processes' device, and so the backend ("cpu": gloo, the default, so that the CPU tests stay on the
+CPU on a GPU host; "cuda": nccl, one GPU per rank), "model_device": where the model and data live (default: the
+processes' device; "cpu" under "cuda" is a CPU model in an nccl job).
 """
 
 from __future__ import annotations
@@ -85,8 +88,11 @@ def run(out: Path, options: dict) -> None:
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device(options.get("model_device") or options.get("device", "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     model, x, y = make_model("cnn")
-    x, y = x[:NUM_TRAIN], y[:NUM_TRAIN]
+    model, x, y = model.to(device), x[:NUM_TRAIN].to(device), y[:NUM_TRAIN].to(device)
     queries = batches(x[:5] + 0.1, y[:5], 3)
     task = SamplingTask(fail=options.get("fail_rank") == rank)
     for name in options.get("cases") or list(cases()):
@@ -112,7 +118,7 @@ def run(out: Path, options: dict) -> None:
 
 def main() -> None:
     out, options = Path(sys.argv[1]), json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
-    start_processes(options.get("timeout", 60.0))
+    start_processes(options.get("timeout", 60.0), options.get("device", "cpu"))
     run(out, options)
 
 

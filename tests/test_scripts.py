@@ -269,16 +269,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(script: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+def torchrun(script: str, *args: str, processes: int = 2, expect: int = 0, cpu: bool = True):
+    """Run a script under torchrun; with `cpu`, on CPU processes (gloo) even on a GPU host, its GPUs hidden."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
     command += [f"--master_port={free_port()}", str(REPO_ROOT / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert result.returncode == expect, f"{result.stdout}\n{result.stderr}"
     return result
 
 
-def test_torchrun_train_and_detect(workspace, fake_cifar_dir, tmp_path):
+def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, tmp_path):
+    """Two CPU processes (gloo), whatever GPUs the machine has; tests/test_gpu.py runs them on GPUs (nccl)."""
     checkpoints = tmp_path / "checkpoints"
     common = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(checkpoints)]
     result = torchrun("train.py", *common, "--num_train", "200", "--num_train_epochs", "1", "--train_batch_size", "64")
@@ -292,7 +294,7 @@ def test_torchrun_train_and_detect(workspace, fake_cifar_dir, tmp_path):
         str(NUM_TRAIN), "--train_batch_size", "24", "--factor_strategy", "diagonal", "--figure",
         str(tmp_path / "mislabel.png"),
     ]  # fmt: skip
-    run("detect_mislabeled_dataset.py", *args, "--output_dir", str(tmp_path / "one"))
+    torchrun("detect_mislabeled_dataset.py", *args, "--output_dir", str(tmp_path / "one"), processes=1)
     result = torchrun("detect_mislabeled_dataset.py", *args, "--output_dir", str(tmp_path / "two"))
     assert result.stdout.count("training labels are wrong") == 1  # rank 0 alone reports
     one, two = (
