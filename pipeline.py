@@ -134,8 +134,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None) -> nn
             f"no checkpoint at {path}: run train.py first "
             f"(python train.py --dataset_dir ./data --checkpoint_dir {path.parent})"
         )
-    try:
-        state = load_file(str(path), device=str(device))
+    try:  # read on the CPU: the model is built there, and a GPU out of memory is not an unreadable file
+        state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
         raise PipelineError(f"cannot read checkpoint {path}: {e}") from e
     model = construct_resnet9()
@@ -144,9 +144,18 @@ def load_model(path: str | Path, device: torch.device | str | None = None) -> nn
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise PipelineError(f"checkpoint {path} does not fit ResNet-9: {first}") from e
-    if device.type == "cuda":  # tensor-core convolutions prefer NHWC; the influence engine reads any layout
-        model = model.to(memory_format=torch.channels_last)
-    return model.to(device).eval()
+    return place_model(model, device)
+
+
+def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """The model on `device` in eval mode, channels-last on a GPU (tensor-core convolutions prefer NHWC; the
+    influence engine reads any layout), as the scripts and the benchmark run it."""
+    device = torch.device(device)
+    return model.to(device, memory_format=memory_format(device)).eval()
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 # ---- Data: files ----
@@ -318,29 +327,46 @@ def get_cifar10(
     return CifarData(images.to(device), labels.to(device), clean.to(device), split)
 
 
+_NORMALISATION: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def normalisation(device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as float32 [1, 3, 1, 1] on `device`, made once per device: made per batch, they would be
+    copied from the host every batch, and each copy makes the host wait for the GPU."""
+    device = torch.device(device)
+    if device not in _NORMALISATION:
+        mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+        _NORMALISATION[device] = (mean, torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+    return _NORMALISATION[device]
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] -> float32, scaled to [0, 1] then standardised per channel."""
-    mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = normalisation(images.device)
     return (images.float() / 255.0 - mean) / std
 
 
 def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
     """Random 32x32 crop of the zero-padded images and a random horizontal flip, for the whole batch at once.
 
-    Offsets and flips are drawn on the CPU generator (same draws on any device); one gather does both the
-    crop and the flip, by reading the columns of a flipped image in reverse order.
+    Offsets and flips are drawn by `generator`, which must be on the images' device: drawn on the host they
+    would be copied to the GPU every batch, and each copy makes the host wait for the GPU. (So a GPU run draws
+    other crops than a CPU run of the same seed; each is reproducible.) One gather does both the crop and the
+    flip, by reading the columns of a flipped image in reverse order.
     """
+    if generator.device.type != images.device.type:
+        raise PipelineError(f"the augmentation generator is on {generator.device}, the images on {images.device}")
     b, _, h, w = images.shape
+    device = images.device
     padded = F.pad(images, (padding, padding, padding, padding))  # zeros = black, as with padding PIL images
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(images.device)
-    flip = (torch.rand(b, generator=generator) < 0.5).to(images.device)
-    ar_h = torch.arange(h, device=images.device)
-    ar_w = torch.arange(w, device=images.device)
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
+    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    ar_h = torch.arange(h, device=device)
+    ar_w = torch.arange(w, device=device)
     rows = dy[:, None] + ar_h  # [B, H]
     cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # [B, W]
-    batch = torch.arange(b, device=images.device)[:, None, None]
+    batch = torch.arange(b, device=device)[:, None, None]
     # Indexing the channels-last view gives [B, H, W, C]; permute back to [B, C, H, W].
     crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
     return crops.permute(0, 3, 1, 2).contiguous()
@@ -350,7 +376,8 @@ class TensorBatches:
     """Re-iterable batches over data already on the device, yielding (normalised float images, labels).
 
     Replaces a DataLoader (no workers, no per-image Python). Each iteration is one epoch: with shuffle or
-    augment, its randomness comes from a generator seeded `seed + epoch`, so runs are reproducible;
+    augment, its randomness comes from a generator on the data's device seeded `seed + epoch` (see
+    `epoch_generator`), so runs are reproducible and the host never waits for the GPU to hand it a batch;
     without them, iterating twice gives the same batches. With shard=(rank, world), each batch of
     `batch_size` is cut into `world` slices and only slice `rank` is yielded (data-parallel training: every
     rank draws the same order, so the slices of one step partition its batch).
@@ -372,16 +399,21 @@ class TensorBatches:
         self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
         self.seed, self.shard = seed, shard
         self.epoch = 0
+        normalisation(self.images.device)  # made now, not while the first batch is on its way
 
     def __len__(self) -> int:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def epoch_generator(self, epoch: int) -> torch.Generator:
+        """The generator of an epoch's order and augmentation: on the data's device, seeded `seed + epoch`."""
+        return torch.Generator(device=self.images.device).manual_seed(self.seed + epoch)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        gen = self.epoch_generator(self.epoch)
         self.epoch += 1
         n = len(self.labels)
-        order = torch.randperm(n, generator=gen).to(self.labels.device) if self.shuffle else None
+        order = torch.randperm(n, generator=gen, device=self.labels.device) if self.shuffle else None
         for i in range(len(self)):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, n)
             rank, world = self.shard
@@ -433,11 +465,12 @@ def evaluate(model: nn.Module, batches: TensorBatches) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over all batches, in eval mode."""
     was_training = model.training
     model.eval()
+    # Summed on the device and read once: reading per batch would make the host wait for the GPU every batch.
     total_loss, correct, count = 0.0, 0, 0
     for x, y in batches:
         logits = model(x).float()
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == y).sum().item()
+        total_loss = total_loss + F.cross_entropy(logits, y, reduction="sum").double()
+        correct = correct + (logits.argmax(dim=-1) == y).sum()
         count += len(y)
     model.train(was_training)
-    return total_loss / max(count, 1), correct / max(count, 1)
+    return float(total_loss) / max(count, 1), int(correct) / max(count, 1)
