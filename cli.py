@@ -168,6 +168,10 @@ def keep_freed_memory() -> None:
 # ---- Influence runs: flags and settings shared by analyze.py, detect_mislabeled_dataset.py and bench.py ----
 
 
+# What "fp32" means on a GPU: torch's default, which the original example ran with (docs/gpu.md).
+FP32_POLICY = "fp32, with torch's default on a GPU: convolutions in TF32 (cuDNN), matrix products in fp32"
+
+
 def add_influence_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--factor_strategy",
@@ -178,7 +182,8 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--use_half_precision",
         action="store_true",
-        help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half)",
+        help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half); "
+        f"without it {FP32_POLICY}",
     )
     parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
     parser.add_argument(

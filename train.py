@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli import ArgumentParser, add_process_flags, is_main, keep_freed_memory, run_cli, start_processes
+from cli import FP32_POLICY, ArgumentParser, add_process_flags, is_main, keep_freed_memory, run_cli, start_processes
 from pipeline import (
     PipelineError,
     TensorBatches,
@@ -79,7 +79,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--noisy_labels_key", default="aggre_label", help="key in --noisy_labels (default: aggre_label)"
     )
-    parser.add_argument("--use_half_precision", action="store_true", help="bf16 autocast for forward passes")
+    parser.add_argument(
+        "--use_half_precision", action="store_true", help=f"bf16 autocast for forward passes; without it {FP32_POLICY}"
+    )
     parser.add_argument("--use_channels_last", action="store_true", help="channels-last memory format (GPU speed)")
     add_process_flags(parser)
     args = parser.parse_args(argv)

@@ -213,7 +213,7 @@ class Analyzer:
                     try:
                         with sampling or contextlib.nullcontext():
                             backward_batch(capture, self.model, batch, loss_fn, half, what, count)
-                    except torch.OutOfMemoryError:
+                    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError (the same class) needs torch 2.5
                         raise InfluenceError(
                             f"out of memory on {self.device} in '{desc}' with batches of {capture.batch_size}: "
                             "use smaller batches (--train_batch_size, --query_batch_size)"
@@ -670,7 +670,7 @@ class Analyzer:
         def contract(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
             gradient = per_example_gradient(a, g).flatten(1)
             query = queries[layer.name]
-            flops.add(2 * query.shape[0] * gradient.numel(), query.dtype)
+            flops.add(2 * query.shape[0] * gradient.numel(), query.dtype, query.device)
             columns.add(layer.name, (query @ gradient.T).to(self.dtype))
 
         sizes = self._pass(

@@ -25,7 +25,8 @@ Process = Callable[[Layer, torch.Tensor, torch.Tensor], None]
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a (nested) batch to `device`; a no-op for data already there."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        # Asynchronous only towards a GPU: a copy to the host must be finished before the host reads it.
+        return batch.to(device, non_blocking=device.type == "cuda")
     if isinstance(batch, dict):
         return {key: to_device(value, device) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
@@ -37,7 +38,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """G[n] = sum_t g[n, t] a[n, t]^T as [B, out, in']."""
     batch, positions, in_dim = a.shape
-    flops.add(2 * batch * positions * in_dim * g.shape[2], a.dtype)
+    flops.add(2 * batch * positions * in_dim * g.shape[2], a.dtype, a.device)
     return torch.bmm(g.transpose(1, 2), a)
 
 
@@ -116,9 +117,9 @@ class Capture:
             x = args[0].detach()
             if self.batch_size is None:
                 self.batch_size = x.shape[0]
-            flops.add(
-                4 * output.numel() * layer.module.weight[0].numel(), output.dtype
-            )  # forward + input-gradient products
+            # The forward and input-gradient products; a convolution's run in cuDNN, in TF32 on a GPU by default.
+            convolution = isinstance(layer.module, nn.Conv2d)
+            flops.add(4 * output.numel() * layer.module.weight[0].numel(), output.dtype, output.device, convolution)
 
             # Rows per example: output positions of a conv, every leading position of a linear layer's input.
             positions = (

@@ -30,10 +30,10 @@ def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
         result = update(1.0, rows.numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
         if not np.shares_memory(result, target):
             target[...] = result
-        flops.add(count * dim * (dim + 1), total.dtype)
+        flops.add(count * dim * (dim + 1), total.dtype, total.device)
     else:
         total.addmm_(rows.T, rows)
-        flops.add(2 * count * dim * dim, total.dtype)
+        flops.add(2 * count * dim * dim, total.dtype, total.device)
 
 
 def symmetrised(lower: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ class LambdaAccumulator(Sums):
         else:
             gradient = rotated_gradient(a, g, *self.eigenvectors[layer.name])
         self.sums[layer.name] += widened(gradient).square().sum(dim=0)
-        flops.add(2 * gradient.numel(), gradient.dtype)
+        flops.add(2 * gradient.numel(), gradient.dtype, gradient.device)
         self.examples[layer.name] += a.shape[0]
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:

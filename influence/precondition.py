@@ -29,9 +29,9 @@ def rotated_gradient(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: t
     cost_rotate_then_form = positions * (in_dim * in_dim + out_dim * out_dim + out_dim * in_dim)
     if cost_form_then_rotate < cost_rotate_then_form:
         gradient = per_example_gradient(a, g)
-        flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim), a.dtype)
+        flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim), a.dtype, a.device)
         return torch.matmul(q_s.T, gradient) @ q_a
-    flops.add(2 * batch * positions * (in_dim * in_dim + out_dim * out_dim), a.dtype)
+    flops.add(2 * batch * positions * (in_dim * in_dim + out_dim * out_dim), a.dtype, a.device)
     a_rotated = (a.reshape(-1, in_dim) @ q_a).view(batch, positions, in_dim)
     g_rotated = (g.reshape(-1, out_dim) @ q_s).view(batch, positions, out_dim)
     return per_example_gradient(a_rotated, g_rotated)
@@ -75,7 +75,7 @@ class LayerPreconditioner:
         if self.strategy in ("kfac", "ekfac"):
             rotated = rotated_gradient(a, g, self.q_a, self.q_s) * self.inverse
             batch, out_dim, in_dim = rotated.shape
-            flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim), rotated.dtype)
+            flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim), rotated.dtype, rotated.device)
             return torch.matmul(self.q_s, rotated) @ self.q_a.T
         gradient = per_example_gradient(a, g)
         return gradient if self.strategy == "identity" else gradient * self.inverse
@@ -84,11 +84,11 @@ class LayerPreconditioner:
         """<P(G[n]), G[n]> for every example, without rotating back: sum((Q_S^T G Q_A)^2 / (Lambda + d))."""
         if self.strategy in ("kfac", "ekfac"):
             rotated = widened(rotated_gradient(a, g, self.q_a, self.q_s))
-            flops.add(3 * rotated.numel(), rotated.dtype)
+            flops.add(3 * rotated.numel(), rotated.dtype, rotated.device)
             return (rotated.square() * self.inverse).sum(dim=(1, 2))
         if self.strategy == "diagonal":
             gradient = widened(per_example_gradient(a, g))
-            flops.add(3 * gradient.numel(), gradient.dtype)
+            flops.add(3 * gradient.numel(), gradient.dtype, gradient.device)
             return (gradient.square() * self.inverse).sum(dim=(1, 2))
         return squared_gradient_norm(a, g)
 
@@ -98,10 +98,10 @@ def squared_gradient_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     batch, positions, in_dim = a.shape
     out_dim = g.shape[2]
     if positions * (in_dim + out_dim) < out_dim * in_dim:
-        flops.add(2 * batch * positions * positions * (in_dim + out_dim), a.dtype)
+        flops.add(2 * batch * positions * positions * (in_dim + out_dim), a.dtype, a.device)
         return (widened(g @ g.transpose(1, 2)) * widened(a @ a.transpose(1, 2))).sum(dim=(1, 2))
     gradient = widened(per_example_gradient(a, g))
-    flops.add(2 * gradient.numel(), gradient.dtype)
+    flops.add(2 * gradient.numel(), gradient.dtype, gradient.device)
     return gradient.square().sum(dim=(1, 2))
 
 

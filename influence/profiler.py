@@ -22,7 +22,7 @@ class Profiler:
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled, self.device = enabled, device
         self.records: dict[str, list[float]] = {}
-        self.flops: dict[str, dict[torch.dtype, int]] = {}
+        self.flops: dict[str, dict[flops.Precision, int]] = {}  # per action, per precision (see flops.py)
 
     @contextmanager
     def record(self, action: str) -> Iterator[None]:
