@@ -41,10 +41,17 @@ def _unreadable(path: Path, error: Exception) -> InfluenceError:
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The file's tensors on `device`. Read on the CPU, then moved: a GPU out of memory while moving them is an
+    error of its own (OutOfMemoryError), never reported as an unreadable file (which would discard a partial one)."""
     try:
-        return load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise _unreadable(path, error) from None
+    return move(tensors, device)
+
+
+def move(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in tensors.items()}
 
 
 def load_metadata(path: Path) -> dict[str, Any]:
