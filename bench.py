@@ -1,13 +1,23 @@
 """Benchmark every phase of the influence engine on ResNet-9 and compare it with the device's FLOP floor.
 
 For each phase it prints the seconds, the FLOPs the engine's kernels counted (from the layer shapes and the
-contraction order actually used), the achieved GFLOP/s, the floor (FLOPs divided by the matrix-multiply
-rate of the same device and dtype, measured in this run) and the ratio of the time to that floor, plus
-the peak memory (RSS on the CPU, max allocated on a GPU).
+contraction order actually used), the achieved GFLOP/s, the floor (each FLOP divided by the matrix-multiply
+rate, measured in this run on the same device, of the precision it ran in) and the ratio of the time to that
+floor, plus the peak memory (RSS on the CPU, which only grows; on a GPU the most allocated during the phase).
 
     python bench.py --num_train 1000 --num_queries 50 --factor_strategy ekfac            # this CPU
     python bench.py --num_train 50000 --num_queries 2000 --device cuda [--use_half_precision]
+    python bench.py --checkpoint ./checkpoints/model.safetensors --dataset_dir ./data     # a trained model, CIFAR-10
     OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bench.py ...                              # split over processes
+
+By default the model has random weights and the images are random pixels: the work, and so the time, depends
+on the shapes alone. --checkpoint loads a trained ResNet-9 (a safetensors file written by train.py) and
+--dataset_dir reads CIFAR-10 instead, to time the job analyze.py runs. The training batches of the passes
+default to the scripts' (cli.train_batch_size: 512 on a GPU, 128 on the CPU).
+
+Precision: without --use_half_precision the passes run in fp32, with torch's default for fp32 on a GPU (which
+the original example ran with): convolutions in TF32 on tensor cores (cuDNN), matrix products in fp32. Each
+FLOP is set against the rate of its precision: fp32, TF32 (an fp32 product with TF32 allowed) or bf16.
 
 Under torchrun the FLOPs of every rank are added up and set against the sum of the ranks' matrix-multiply rates,
 measured at the same time; times are rank 0's wall clock, memory the largest of the ranks.
@@ -15,9 +25,12 @@ measured at the same time; times are rank 0's wall clock, memory the largest of 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import resource
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,10 +43,20 @@ from cli import (
     keep_freed_memory,
     run_cli,
     start_processes,
+    train_batch_size,
 )
-from influence import STRATEGIES, Analyzer
+from influence import STRATEGIES, Analyzer, flops
+from influence.distributed import control_group
 from influence.profiler import synchronize
-from pipeline import CifarData, ClassificationTask, TensorBatches, construct_resnet9, get_cifar10, load_model
+from pipeline import (
+    CifarData,
+    ClassificationTask,
+    TensorBatches,
+    construct_resnet9,
+    get_cifar10,
+    load_model,
+    place_model,
+)
 
 PHASES = {
     "Fit Covariance": "covariance",
@@ -49,47 +72,135 @@ def parse_args():
     parser.add_argument("--num_train", type=int, default=1000, help="training examples (default 1000)")
     parser.add_argument("--num_queries", type=int, default=50, help="query examples (default 50)")
     parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES, help="default ekfac")
-    parser.add_argument("--use_half_precision", action="store_true", help="bf16, as analyze.py; floor at the bf16 rate")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--train_batch_size", type=int, default=250, help="training batch of the passes")
+    parser.add_argument(
+        "--use_half_precision",
+        action="store_true",
+        help="bf16, as analyze.py (its bf16 products at the bf16 rate). Without it fp32, with torch's default on a "
+        "GPU: convolutions in TF32, counted at the TF32 rate, matrix products in fp32",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda (default: cuda when present); under torchrun, cpu means gloo"
+    )
+    parser.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=None,
+        help="training batch of the passes (default: the scripts', 512 on a GPU and 128 on the CPU)",
+    )
     parser.add_argument("--query_batch_size", type=int, default=None, help="default: all queries at once")
     parser.add_argument("--dataset_dir", default=None, help="use real CIFAR-10 from here (default: random images)")
-    parser.add_argument("--checkpoint", default=None, help="a trained checkpoint (default: random weights)")
-    parser.add_argument("--matmul_size", type=int, default=2048, help="side of the square product timed for the floor")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="FILE.safetensors",
+        help="a ResNet-9 checkpoint written by train.py, e.g. ./checkpoints/model.safetensors (default: random "
+        "weights, which cost the same)",
+    )
+    parser.add_argument(
+        "--matmul_size",
+        type=int,
+        default=None,
+        help="side of the square product timed for the floor (default: 2048 on the CPU, 8192 on a GPU, where a "
+        "smaller one takes about as long as the timing itself)",
+    )
     parser.add_argument(
         "--save_interval", type=float, default=120.0, help="seconds between partial saves of a pass (default 120)"
     )
     parser.add_argument(
         "--max_elements",
+        type=parse_max_elements,
         default="auto",
-        help="bound on the per-layer tensors of one chunk of a batch: a number, 'none' (whole batches) or 'auto'",
+        help="bound on the per-layer tensors of one chunk of a batch: a number, 'none' (whole batches) or 'auto' "
+        "(the engine's default: a bound on the CPU, whole batches on a GPU)",
     )
     add_process_flags(parser)
     return parser.parse_args()
 
 
+def parse_max_elements(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, 'none' or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def matmul_size(args: argparse.Namespace, device: torch.device) -> int:
+    return args.matmul_size or (8192 if device.type == "cuda" else 2048)
+
+
 def summed(value: float, op=None) -> float:
-    """A number added up (or reduced with `op`) over the ranks; itself in one process."""
+    """A number added up (or reduced with `op`) over the ranks; itself in one process. On the CPU through gloo,
+    whatever the job's backend and the model's device (see influence.distributed.route)."""
     if not dist.is_initialized():
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=control_group())
     return tensor.item()
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """Best FLOP/s of a square matrix product on this device and dtype."""
+def precisions(device: torch.device, half: bool) -> list[flops.Precision]:
+    """The precisions a run's products can take (see influence/flops.py), the same on every rank."""
+    found: list[flops.Precision] = [torch.float32]
+    if {flops.precision(torch.float32, device, conv) for conv in (False, True)} != {torch.float32}:
+        found.append(flops.TF32)
+    return found + ([torch.bfloat16] if half else [])
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allowed: bool) -> Iterator[None]:
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def timed(device: torch.device, run: Callable[[], object]) -> float:
+    """Seconds `run()` takes on the device: CUDA events on a GPU (the host's clock would add its own waits)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    synchronize(device)
+    begin = time.perf_counter()
+    run()
+    return time.perf_counter() - begin
+
+
+def matmul_rate(device: torch.device, precision: flops.Precision, size: int) -> float:
+    """Best FLOP/s of a square matrix product in `precision` on this device (TF32: fp32 operands, TF32 allowed)."""
+    dtype = torch.float32 if precision == flops.TF32 else precision
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+    repeats = 10 if device.type == "cuda" else 1  # back to back, so that a launch does not count as a product
     best = float("inf")
-    for _ in range(5):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
+    with tf32_matmuls(precision == flops.TF32):
+        if device.type == "cuda":
+            a @ b  # the first call picks the kernel
+        for _ in range(5):
+            best = min(best, timed(device, lambda: [a @ b for _ in range(repeats)]) / repeats)
     return 2 * size**3 / best
+
+
+def floor_seconds(counted: dict[flops.Precision, float], rates: dict[flops.Precision, float]) -> float:
+    """The time the counted FLOPs would take at the matrix-multiply rate of the precision each ran in."""
+    return sum(count / rates[precision] for precision, count in counted.items() if count)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """On a GPU, so that each phase reports its own peak (RSS on the CPU cannot be reset)."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device: torch.device) -> str:
@@ -109,12 +220,12 @@ def random_data(n: int, device: torch.device, seed: int) -> CifarData:
 def main() -> None:
     args = parse_args()
     keep_freed_memory()
-    device = start_processes(args.dist_timeout)
-    if args.device:
-        device = torch.device(args.device)
+    device = start_processes(args.dist_timeout, args.device)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    args.train_batch_size = train_batch_size(args, device)
     torch.manual_seed(0)
-    model = load_model(args.checkpoint, device) if args.checkpoint else construct_resnet9().to(device).eval()
+    # Random weights are laid out as the scripts lay out a checkpoint's (channels-last on a GPU).
+    model = load_model(args.checkpoint, device) if args.checkpoint else place_model(construct_resnet9(), device)
     if args.dataset_dir:
         train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
         queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
@@ -123,7 +234,6 @@ def main() -> None:
 
     args.use_empirical_fisher, args.damping_factor, args.seed = False, None, 0
     factor_args, score_args = influence_arguments(args, {})
-    max_elements = {"auto": "auto", "none": None}.get(args.max_elements) or int(args.max_elements)
     with tempfile.TemporaryDirectory() as output_dir:
         analyzer = Analyzer(
             "bench",
@@ -132,29 +242,33 @@ def main() -> None:
             output_dir=output_dir,
             profile=True,
             save_interval=args.save_interval,
-            max_elements=max_elements,
+            max_elements=args.max_elements,
         )
         batches = TensorBatches(train, args.train_batch_size)
         query_batches = TensorBatches(queries, args.query_batch_size or len(queries))
         phase_memory = {}
+        reset_peak_memory(device)
         analyzer.fit_all_factors("f", batches, factor_args)
         phase_memory["factors"] = peak_memory(device)
+        reset_peak_memory(device)
         analyzer.compute_pairwise_scores("p", "f", query_batches, batches, score_args)
         phase_memory["Compute Pairwise Score"] = peak_memory(device)
+        reset_peak_memory(device)
         analyzer.compute_self_scores("s", "f", batches, score_args)
         phase_memory["Compute Self-Influence Score"] = peak_memory(device)
 
-    # bf16 runs keep their covariances and query preconditioning in fp32: each FLOP is set against the rate
-    # of the dtype it ran in. Every rank times its product at the same moment, so the rates add up to what
-    # the ranks share.
-    dtypes = [torch.float32] + ([torch.bfloat16] if args.use_half_precision else [])
+    # bf16 runs keep their covariances and query preconditioning in fp32, and fp32 convolutions on a GPU run in
+    # TF32: each FLOP is set against the rate of the precision it ran in. Every rank times its product at the
+    # same moment, so the rates add up to what the ranks share.
+    kinds = precisions(device, args.use_half_precision)
+    size = matmul_size(args, device)
     rates = {}
-    for dtype in dtypes:
+    for kind in kinds:
         if dist.is_initialized():
-            dist.barrier()
-        rates[dtype] = summed(matmul_rate(device, dtype, args.matmul_size))
+            dist.barrier(group=control_group())
+        rates[kind] = summed(matmul_rate(device, kind, size))
     counted = {
-        action: {dtype: summed(analyzer.profiler.flops.get(action, {}).get(dtype, 0)) for dtype in dtypes}
+        action: {kind: summed(analyzer.profiler.flops.get(action, {}).get(kind, 0)) for kind in kinds}
         for action in PHASES
     }
     if not is_main():
@@ -165,10 +279,9 @@ def main() -> None:
         f"ResNet-9, {args.factor_strategy}, {precision}, {device.type}{processes}, {len(train)} training examples, "
         f"{len(queries)} queries, training batches of {args.train_batch_size}"
     )
-    for dtype, rate in rates.items():
-        name = str(dtype).removeprefix("torch.")
+    for kind, rate in rates.items():
         each = " (all processes)" if world > 1 else ""
-        print(f"Matrix-multiply rate ({args.matmul_size}^2, {name}){each}: {rate / 1e9:.1f} GFLOP/s")
+        print(f"Matrix-multiply rate ({size}^2, {flops.name(kind)}){each}: {rate / 1e9:.1f} GFLOP/s")
     header = f"{'phase':<20}{'seconds':>10}{'GFLOP':>12}{'GFLOP/s':>10}{'floor (s)':>11}{'x floor':>9}   peak memory"
     print(header)
     print("-" * len(header))
@@ -177,7 +290,7 @@ def main() -> None:
             continue
         seconds = sum(analyzer.profiler.records[action])
         total = sum(counted[action].values())
-        floor = sum(count / rates[dtype] for dtype, count in counted[action].items())
+        floor = floor_seconds(counted[action], rates)
         memory = phase_memory.get(action, phase_memory["factors"])
         ratio = f"{seconds / floor:>9.2f}" if total else f"{'-':>9}"
         print(
