@@ -5,10 +5,10 @@ contraction order actually used), the achieved GFLOP/s, the floor (each FLOP div
 rate, measured in this run on the same device, of the precision it ran in) and the ratio of the time to that
 floor, plus the peak memory (RSS on the CPU, which only grows; on a GPU the most allocated during the phase).
 
-    python bench.py --num_train 1000 --num_queries 50 --factor_strategy ekfac            # this CPU
-    python bench.py --num_train 50000 --num_queries 2000 --device cuda [--use_half_precision]
+    python bench.py --num_train 1000 --num_queries 50 --factor_strategy ekfac             # this CPU
+    python bench.py --num_train 50000 --num_queries 2000 --device cuda                    # bf16: --use_half_precision
     python bench.py --checkpoint ./checkpoints/model.safetensors --dataset_dir ./data     # a trained model, CIFAR-10
-    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bench.py ...                              # split over processes
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 bench.py --num_train 1000               # split over processes
 
 By default the model has random weights and the images are random pixels: the work, and so the time, depends
 on the shapes alone. --checkpoint loads a trained ResNet-9 (a safetensors file written by train.py) and
