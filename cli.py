@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from influence import STRATEGIES, Analyzer, FactorArguments, InfluenceError, ScoreArguments
 from influence import distributed as influence_distributed
+from influence.storage import write_atomically
 from pipeline import ClassificationTask, PipelineError, get_device
 
 # ---- Errors and arguments ----
@@ -293,12 +294,7 @@ def save_figure(fig, path: str | Path) -> None:
     """Save a matplotlib figure whole or not at all, creating its folder."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=150)
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=150), folder="--figure")
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)

@@ -8,9 +8,7 @@ Not run directly; imported by train.py, analyze.py and the other scripts:
 from __future__ import annotations
 
 import math
-import os
 import pickle
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from influence.storage import safetensors_size, write_atomically
 from influence.task import Task
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -111,18 +110,10 @@ def checkpoint_path(
 
 
 def save_model(model: nn.Module, path: str | Path) -> None:
-    """Write the state_dict whole or not at all: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the state_dict whole or not at all (a temporary file in the same folder, then a rename); a full disk
+    or a folder without write permission is a one-line error."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: save_file(state, str(tmp)), safetensors_size(state), "--checkpoint_dir")
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None) -> nn.Module:

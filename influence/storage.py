@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +18,103 @@ from safetensors.torch import load_file, save_file
 
 from influence.errors import InfluenceError
 
+# ---- Writing: every file of the project goes through write_atomically ----
 
-def _atomic(path: Path, write: Any) -> None:
-    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+# Errors a user fixes by making room, and by choosing a folder they may write to.
+NO_ROOM = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file larger than the file system or the file size limit allows",
+}
+NO_ACCESS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+
+
+def write_atomically(
+    path: str | Path, write: Callable[[Path], Any], size: int | None = None, folder: str = "--output_dir"
+) -> None:
+    """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path`.
+
+    The file under `path` is therefore whole or absent (an older version stays as it was). Lack of space or of
+    permission becomes one InfluenceError naming the file, its `size` in bytes where known, and the flag
+    `folder` that moves it elsewhere; other errors pass through as they are.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # the suffix tells writers the format
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # first, so the free space reported below counts it
+        translated = write_error(path, error, size, folder)
+        if translated is None:
+            raise
+        raise translated from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+def _errno(error: BaseException) -> int | None:
+    if isinstance(error, OSError):
+        return error.errno
+    found = re.search(r"os error (\d+)", str(error))  # safetensors reports I/O errors as text: "... (os error 28)"
+    return int(found.group(1)) if found else None
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{int(count)} bytes"
+
+
+def write_error(path: Path, error: BaseException, size: int | None, folder: str) -> InfluenceError | None:
+    """The one-line error for a write that failed for lack of space or permission (None for other failures)."""
+    code = _errno(error)
+    if code in NO_ROOM:
+        try:
+            free = f"{_size(shutil.disk_usage(_existing_parent(path)).free)} free there"
+        except OSError:
+            free = "free space unknown"
+        needs = f"it needs about {_size(size)}, {free}" if size is not None else free
+        return InfluenceError(
+            f"cannot write {path}: {NO_ROOM[code]} ({needs}): free some space there, or choose another {folder}"
+        )
+    if code in NO_ACCESS:
+        return InfluenceError(
+            f"cannot write {path}: {NO_ACCESS[code]}: make {_existing_parent(path)} writable, "
+            f"or choose another {folder}"
+        )
+    return None
+
+
+def _existing_parent(path: Path) -> Path:
+    for parent in path.parents:
+        if parent.exists():
+            return parent
+    return Path(".")
+
+
+def safetensors_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """About the bytes a safetensors file of `tensors` takes: the data plus its JSON header."""
+    header = {name: {"dtype": "F32", "shape": list(t.shape), "data_offsets": [0, 0]} for name, t in tensors.items()}
+    header_size = len(json.dumps({"__metadata__": metadata or {}, **header})) + 8 * (len(tensors) + 2)
+    return header_size + sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_tensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None, folder: str = "--output_dir"
+) -> None:
     cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
-    _atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta))
+    size = safetensors_size(cpu, meta)
+    write_atomically(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta), size, folder)
 
 
 FIX_HINT = "delete it, or rerun with --overwrite_output_dir (overwrite_output_dir=True) to recompute"
@@ -70,8 +155,8 @@ def read_json(path: Path) -> Any:
 
 
 def save_json(path: Path, obj: dict[str, Any]) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True)
-    _atomic(path, lambda tmp: tmp.write_text(text + "\n"))
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text), len(text.encode()))
 
 
 def _first_difference(saved: Any, wanted: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
@@ -119,8 +204,10 @@ def partial_path(result: Path) -> Path:
     return result.with_name(result.name.removesuffix(".safetensors") + PARTIAL_SUFFIX)
 
 
-def save_partial(path: Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> None:
-    save_tensors(path, tensors, {"partial": True, "progress": progress})
+def save_partial(
+    path: Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any], folder: str = "--output_dir"
+) -> None:
+    save_tensors(path, tensors, {"partial": True, "progress": progress}, folder)
 
 
 def load_partial(path: Path, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str:
