@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from influence import STRATEGIES, Analyzer, FactorArguments, InfluenceError, ScoreArguments
 from influence import distributed as influence_distributed
+from influence import interrupt as influence_interrupt
 from influence.storage import write_atomically
 from pipeline import ClassificationTask, PipelineError, get_device
 
@@ -40,22 +41,34 @@ def run_cli(main: Callable[[], object]) -> None:
 
     Under torchrun a failing rank first leaves a note naming itself, which the other ranks report when the
     collective they wait in fails; a rank that succeeds waits for the others before it leaves.
+
+    SIGTERM (a scheduler's preemption) and SIGINT stop a pass or training at its next batch boundary, where it
+    saves what it has (influence/interrupt.py); rank 0 says in one line what was saved, and every rank exits
+    with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT).
     """
-    try:
-        main()
-        end_processes(success=True)
-    except (PipelineError, InfluenceError) as e:
-        influence_distributed.publish_failure(str(e))
-        print(f"error: {e}", file=sys.stderr)
-        end_processes(success=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        influence_distributed.publish_failure("interrupted")
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as e:
-        influence_distributed.publish_failure(f"{type(e).__name__}: {e}")
-        raise
+    with influence_interrupt.handling():
+        try:
+            main()
+            end_processes(success=True)
+        except (PipelineError, InfluenceError) as e:
+            influence_distributed.publish_failure(str(e))
+            print(f"error: {e}", file=sys.stderr)
+            end_processes(success=False)
+            sys.exit(2)
+        except influence_interrupt.Interrupted as e:
+            if e.saved is None:  # stopped alone, outside a pass: ranks waiting for this one stop, naming it
+                influence_distributed.publish_failure(e.message())
+            if is_main():
+                print(e.message(), file=sys.stderr)
+            end_processes(success=False)
+            sys.exit(e.exit_status)
+        except KeyboardInterrupt:
+            influence_distributed.publish_failure("interrupted")
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            influence_distributed.publish_failure(f"{type(e).__name__}: {e}")
+            raise
 
 
 def is_main() -> bool:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from influence import flops
+from influence import flops, interrupt
 from influence.arguments import FactorArguments, ScoreArguments, to_dict
 from influence.capture import Capture, backward_batch, per_example_gradient, to_device
 from influence.distributed import Group, balanced_owners
@@ -71,6 +71,7 @@ LAMBDA = "lambda_matrix"
 PAIRWISE_SCORES = "pairwise_scores.safetensors"
 SELF_SCORES = "self_scores.safetensors"
 ALL_MODULES = "all_modules"
+BLOCK = "block/"  # prefix, in a pairwise partial file, of the columns of the query batch in progress
 # Largest a, g or per-example-gradient tensor handed to a step at once, in elements, on the CPU: 256 MB in fp32.
 # Measured on a 2-core CPU (EK-FAC factors and self-influence of 512 images): batches of 512 in chunks of this
 # size ran as fast as the best plain batch size (256), where whole batches of 512 took 30% longer and twice the
@@ -188,7 +189,9 @@ class Analyzer:
 
         Batches before `first` were done by an interrupted run (their sizes must be `done_sizes`); the rest go
         round-robin to the ranks. end_batch(offset, count) follows each batch this rank ran; save(batches,
-        sizes) runs on every rank at the end of a round, once every save_interval seconds.
+        sizes) runs on every rank at the end of a round, once every save_interval seconds, and returns what it
+        saved (rank 0). A stop asked by SIGTERM or SIGINT (see interrupt.py) on any rank is acted on at the end of
+        the round: every rank saves its share, then raises interrupt.Interrupted.
         """
         loss_fn, what = self._loss(loss)
         sizes: list[int] = []
@@ -198,7 +201,10 @@ class Analyzer:
         world, rank = group.world, group.rank
         total = len(data) if hasattr(data, "__len__") else None
         progress = tqdm(desc=desc, total=total, initial=first, disable=self.disable_tqdm, leave=False)
-        with progress, Capture(self.model, self.layers, process, dtype or self.dtype, self.max_elements) as capture:
+        # A local pass (one batch that every rank runs whole) is part of a larger step: the stop waits for that.
+        stoppable = contextlib.nullcontext() if local else interrupt.polling()
+        capture = Capture(self.model, self.layers, process, dtype or self.dtype, self.max_elements)
+        with progress, stoppable, capture:
             for index, batch in enumerate(data):
                 size = batch_length(batch)
                 count = size if limit is None else max(0, min(size, limit - offset))
@@ -226,7 +232,10 @@ class Analyzer:
                     progress.update(1)
                     if (index - first) % world == world - 1:
                         wanted = save is not None and time.monotonic() - last_save >= self.save_interval
-                        if group.sync_round(wanted) and save is not None:
+                        saving, stop = group.sync_round(wanted, None if local else interrupt.requested())
+                        if stop:
+                            self._stop(stop, save, index + 1, sizes)
+                        if saving and save is not None:
                             save(index + 1, sizes)
                             last_save = time.monotonic()
         if first > len(sizes):
@@ -235,24 +244,49 @@ class Analyzer:
             raise InfluenceError(f"{desc}: the dataset yielded no batch")
         return sizes
 
+    def _stop(self, signum: int, save: Callable[[int, list[int]], str] | None, batches: int, sizes: list[int]) -> None:
+        """Save what the pass has (every rank its share) and raise Interrupted; rank 0's message says what and where.
+
+        The ranks wait for rank 0's write before any of them leaves: torchrun stops the remaining workers as soon
+        as one exits with an error."""
+        interrupt.note(signum)
+        saved = None
+        if save is not None:
+            start = time.monotonic()
+            saved = save(batches, sizes)
+            self.group.barrier()
+            saved = f"{saved} in {time.monotonic() - start:.2f} s"
+        raise interrupt.stopped(signum, saved)
+
     def _resumable_pass(
-        self, result: Path, state: Sums | _Columns, run: Callable[..., list[int]], desc: str
+        self,
+        result: Path,
+        state: Sums | _Columns,
+        run: Callable[..., list[int]],
+        desc: str,
+        saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None | str = "read",
+        write: Callable[[dict[str, torch.Tensor], dict[str, Any]], None] | None = None,
     ) -> list[int]:
         """Run a pass through `run(first=, done_sizes=, save=)`, resuming from (and saving) result's partial file.
 
         `state` holds what the pass accumulates (sums, or score columns); on rank 0 it starts from the partial
-        result, and at each save every rank's share is summed into rank 0's, which writes it.
+        result, and at each save every rank's share is summed into rank 0's, which writes it. A pass whose
+        partial state shares a file with other results (a pairwise query batch) gets that state as `saved`
+        (rank 0: (tensors, progress) or None) and writes it through write(tensors, progress).
         """
         partial = partial_path(result)
 
         def resume() -> dict[str, Any] | None:
-            loaded = self._read_partial(partial, desc, self.device)
+            loaded = self._read_partial(partial, desc, self.device) if saved == "read" else saved
             if loaded is None:
                 return None
             tensors, progress = loaded
             try:
                 state.load(tensors)
             except (KeyError, ValueError, RuntimeError):
+                if saved != "read":  # the file holds other results: keep it, redo this pass
+                    self._log(f"{desc}: the state saved in {partial.name} does not fit; starting the pass over")
+                    return None
                 return self._discard_partial(partial, desc, "made for another model")
             return progress
 
@@ -265,11 +299,16 @@ class Analyzer:
                 "saved by an interrupted run"
             )
 
-        def save(batches: int, sizes: list[int]) -> None:
+        def save(batches: int, sizes: list[int]) -> str:
             state.flush(self.group, sum(sizes))
             if self.group.is_main:
+                progress = {"batches": batches, "sizes": sizes}
                 with self.profiler.record("Save Partial Result"):
-                    save_partial(partial, state.tensors(), {"batches": batches, "sizes": sizes})
+                    if write is None:
+                        save_partial(partial, state.tensors(), progress)
+                    else:
+                        write(state.tensors(), progress)
+            return f"{desc} after {batches} batches ({sum(sizes)} examples) to {partial}"
 
         try:
             sizes = run(first=first, done_sizes=done, save=save)
@@ -602,15 +641,24 @@ class Analyzer:
         train_dataset: Iterable[Any],
         args: ScoreArguments,
     ) -> dict[str, torch.Tensor] | None:
-        """Every query batch's block of scores, joined on rank 0 (None elsewhere); resumes from a partial file."""
+        """Every query batch's block of scores, joined on rank 0 (None elsewhere); resumes from a partial file.
+
+        The partial file holds the rows of the finished query batches and, under keys "block/<name>" with
+        progress "block", the columns the next query batch had when its pass over the training data was saved.
+        """
         partial = partial_path(path)
 
         resumed = self.group.on_main(lambda: self._read_partial(partial, "Pairwise scores", "cpu"))
         rows: dict[str, torch.Tensor] = {}
         done_sizes: list[int] = []
+        block_saved = None
         if resumed is not None:
-            rows, progress = resumed
+            tensors, progress = resumed
+            rows = {name: tensor for name, tensor in tensors.items() if not name.startswith(BLOCK)}
             done_sizes = progress["query_sizes"]
+            if isinstance(progress.get("block"), dict):
+                block = {name.removeprefix(BLOCK): t for name, t in tensors.items() if name.startswith(BLOCK)}
+                block_saved = (block, progress["block"])
             self._log(
                 f"Pairwise scores: resuming from {partial.name} after {len(done_sizes)} query batches "
                 f"({sum(done_sizes)} queries) saved by an interrupted run"
@@ -630,7 +678,16 @@ class Analyzer:
                         )
                     progress_bar.update(1)
                     continue
-                block = self._pairwise_block(preconditioners, query_batch, train_dataset, args)
+
+                def write(columns: dict[str, torch.Tensor], progress: dict[str, Any], rows=rows, done=sizes[:-1]):
+                    block = {f"{BLOCK}{name}": tensor for name, tensor in columns.items()}
+                    save_partial(partial, {**rows, **block}, {"query_sizes": done, "block": progress})
+
+                resume = block_saved if index == len(done_sizes) else None
+                desc = f"Pairwise scores of query batch {index + 1}"
+                block = self._pairwise_block(
+                    preconditioners, query_batch, train_dataset, args, path, desc, resume, write
+                )
                 if self.group.is_main:
                     if rows and any(rows[name].shape[1] != block[name].shape[1] for name in block):
                         raise InfluenceError(
@@ -650,8 +707,15 @@ class Analyzer:
         query_batch: Any,
         train_dataset: Iterable[Any],
         args: ScoreArguments,
+        path: Path,
+        desc: str,
+        saved: tuple[dict[str, torch.Tensor], dict[str, Any]] | None,
+        write: Callable[[dict[str, torch.Tensor], dict[str, Any]], None],
     ) -> dict[str, torch.Tensor]:
-        """Scores of one query batch against every training example, [Q, N], on rank 0's CPU."""
+        """Scores of one query batch against every training example, [Q, N], on rank 0's CPU.
+
+        Its pass over the training data is resumable: it starts from `saved` (rank 0) and saves through `write`.
+        """
         contract_dtype = self._pass_dtype(args.use_half_precision)
         preconditioned: dict[str, list[torch.Tensor]] = {}
 
@@ -673,16 +737,23 @@ class Analyzer:
             flops.add(2 * query.shape[0] * gradient.numel(), query.dtype, query.device)
             columns.add(layer.name, (query @ gradient.T).to(self.dtype))
 
-        sizes = self._pass(
-            train_dataset,
-            contract,
-            "train",
-            args.use_half_precision,
-            "Pairwise scores",
-            dtype=contract_dtype,
-            end_batch=columns.end_batch,
+        self._resumable_pass(
+            path,
+            columns,
+            lambda **resume: self._pass(
+                train_dataset,
+                contract,
+                "train",
+                args.use_half_precision,
+                "Pairwise scores",
+                dtype=contract_dtype,
+                end_batch=columns.end_batch,
+                **resume,
+            ),
+            desc,
+            saved=saved,
+            write=write,
         )
-        columns.flush(self.group, sum(sizes))
         return columns.result()
 
     def compute_self_scores(

@@ -143,13 +143,14 @@ class Group:
                 f"(another rank stopped or timed out; see its output): {first}"
             ) from None
 
-    def sync_round(self, main_wants_save: bool) -> bool:
-        """End of a round: every rank learns whether rank 0 wants to save now (and notices a stopped rank)."""
+    def sync_round(self, main_wants_save: bool, stop: int | None = None) -> tuple[bool, int | None]:
+        """End of a round: every rank learns whether rank 0 wants to save now, and the signal that asked any rank
+        to stop (`stop`: this rank's, or None; see interrupt.py), and notices a rank that stopped working."""
         if self.world == 1:
-            return main_wants_save
-        flag = torch.tensor([int(main_wants_save and self.is_main)], dtype=torch.int64)
-        self._collective("a pass", lambda: dist.all_reduce(flag, group=self._control))
-        return bool(flag.item())
+            return main_wants_save, stop
+        flags = torch.tensor([int(main_wants_save and self.is_main), stop or 0], dtype=torch.int64)
+        self._collective("a pass", lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._control))
+        return bool(flags[0].item()), int(flags[1].item()) or None
 
     def sum_to_main(self, tensors: list[torch.Tensor]) -> None:
         """Sum each tensor over the ranks into rank 0's copy; the other ranks' copies are zeroed."""
