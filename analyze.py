@@ -3,14 +3,16 @@
 Fits the curvature factors of --factor_strategy on the training images (no augmentation), then scores
 every (query, training example) pair; results go to ./influence_results/cifar10/{factors,scores}_<strategy>.
 
-Full job (GPU):
+Full job (GPU), in fp32 then in bf16 (saved as scores_ekfac_half):
     python analyze.py --query_batch_size 1000 --dataset_dir ./data --checkpoint_dir ./checkpoints \
-        --factor_strategy ekfac [--use_half_precision] --profile
-CPU-sized:
+        --factor_strategy ekfac --profile
+    python analyze.py --query_batch_size 1000 --dataset_dir ./data --checkpoint_dir ./checkpoints \
+        --factor_strategy ekfac --use_half_precision --profile
+CPU-sized, after the CPU-sized train.py (see train.py):
     python analyze.py --dataset_dir ./data --checkpoint_dir ./checkpoints --factor_strategy ekfac \
         --num_train 2000 --num_queries 100 --query_batch_size 100 --profile
 Several processes (GPUs, or CPU processes), same results:
-    torchrun --nproc_per_node=N analyze.py ...
+    torchrun --nproc_per_node=2 analyze.py --dataset_dir ./data --checkpoint_dir ./checkpoints --num_train 2000
 A killed run resumes where it stopped when started again with the same arguments.
 """
 
@@ -29,11 +31,12 @@ from cli import (
     run_cli,
     start_processes,
     train_batch_size,
+    train_command,
 )
 from pipeline import TensorBatches, checkpoint_path, get_cifar10, load_model
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/")
     parser.add_argument("--checkpoint_dir", default="./checkpoints", help="folder holding model.safetensors")
@@ -45,7 +48,7 @@ def parse_args():
     )
     parser.add_argument("--num_queries", type=int, default=2000, help="score the first Q test images (default 2000)")
     add_influence_flags(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def main() -> None:
@@ -55,7 +58,7 @@ def main() -> None:
     device = start_processes(args.dist_timeout)
     args.train_batch_size = train_batch_size(args, device)
     checkpoint = checkpoint_path(args.checkpoint_dir)
-    model = load_model(checkpoint, device)
+    model = load_model(checkpoint, device, train_command(args))
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
     queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
 

@@ -267,6 +267,18 @@ def results_name(strategy: str, half: bool, prefix: str = "") -> str:
     return f"{prefix}{strategy}{'_half' if half else ''}"
 
 
+def train_command(args: argparse.Namespace, corrupt_percentage: float | None = None) -> str:
+    """The train.py command that writes the checkpoint these flags look for, for missing-checkpoint hints."""
+    parts = ["python train.py", f"--dataset_dir {args.dataset_dir}", f"--checkpoint_dir {args.checkpoint_dir}"]
+    if getattr(args, "num_train", None) is not None:
+        parts.append(f"--num_train {args.num_train}")
+    if getattr(args, "noisy_labels", None) is not None:
+        parts += [f"--noisy_labels {args.noisy_labels}", f"--noisy_labels_key {args.noisy_labels_key}"]
+    elif corrupt_percentage is not None:
+        parts.append(f"--corrupt_percentage {corrupt_percentage}")
+    return " ".join(parts)
+
+
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of a checkpoint, so results made with other weights are never silently reused."""
     digest = hashlib.sha256()

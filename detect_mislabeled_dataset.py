@@ -7,16 +7,18 @@ under the ROC curve of each ranking, next to two baselines (highest training los
 Draws the detection curves (one line per strategy whose self scores exist for the same data) and the
 top-ranked images with their given and official labels.
 
-Full job (GPU):
+Full job (GPU), after the full train.py --corrupt_percentage 0.1:
     python detect_mislabeled_dataset.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
         --corrupt_percentage 0.1 --factor_strategy ekfac --profile
-CPU-sized (after the CPU-sized train.py --corrupt_percentage 0.1; see README):
+CPU-sized, after the CPU-sized train.py --corrupt_percentage 0.1 (see train.py):
     python detect_mislabeled_dataset.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
         --corrupt_percentage 0.1 --factor_strategy ekfac --num_train 2000 --profile
-Real annotation mistakes (CIFAR-10N), after train.py with the same two flags:
-    python detect_mislabeled_dataset.py --noisy_labels cifar10n_train_labels.npz --noisy_labels_key aggre_label \
+Real annotation mistakes (CIFAR-10N's CIFAR-10_human.pt, https://github.com/UCSC-REAL/cifar-10-100n), after
+train.py with the same --noisy_labels and --noisy_labels_key:
+    python detect_mislabeled_dataset.py --noisy_labels CIFAR-10_human.pt --noisy_labels_key aggre_label \
         --factor_strategy ekfac
-Several processes: torchrun --nproc_per_node=N detect_mislabeled_dataset.py ...
+Several processes, same results:
+    torchrun --nproc_per_node=2 detect_mislabeled_dataset.py --num_train 2000 --corrupt_percentage 0.1
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from cli import (
     save_figure,
     start_processes,
     train_batch_size,
+    train_command,
 )
 from influence import STRATEGIES
 from pipeline import (
@@ -56,7 +59,7 @@ from pipeline import (
 INSPECTED = [i / 10 for i in range(1, 10)]
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/")
     parser.add_argument("--checkpoint_dir", default="./checkpoints", help="folder holding the trained checkpoints")
@@ -85,7 +88,7 @@ def parse_args():
     )
     parser.add_argument("--top_k", type=int, default=16, help="top-ranked images to draw (default 16)")
     add_influence_flags(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 # ---- Rankings ----
@@ -180,7 +183,7 @@ def main() -> None:
     noisy = args.noisy_labels is not None
     corrupt = None if noisy else args.corrupt_percentage
     checkpoint = checkpoint_path(args.checkpoint_dir, corrupt, args.noisy_labels_key if noisy else None)
-    model = load_model(checkpoint, device)
+    model = load_model(checkpoint, device, train_command(args, corrupt))
     train = get_cifar10(
         args.dataset_dir,
         "eval_train",

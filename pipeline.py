@@ -22,6 +22,7 @@ from torch import nn
 
 from influence.storage import safetensors_size, write_atomically
 from influence.task import Task
+from label_files import LabelFileError, read_label_arrays
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
@@ -29,7 +30,7 @@ NUM_CLASSES = 10
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 BATCHES_FOLDER = "cifar-10-batches-py"
 SPLITS = ("train", "eval_train", "valid")
-MAKE_DATA_HINT = f"copy {BATCHES_FOLDER}/ into the dataset dir, or write an offline copy with make_cifar10.py (README)"
+MAKE_DATA_HINT = f"run once with internet (torchvision downloads it), or copy {BATCHES_FOLDER}/ into the dataset dir"
 
 
 class PipelineError(Exception):
@@ -116,15 +117,18 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     write_atomically(path, lambda tmp: save_file(state, str(tmp)), safetensors_size(state), "--checkpoint_dir")
 
 
-def load_model(path: str | Path, device: torch.device | str | None = None) -> nn.Module:
-    """A ResNet-9 with the checkpoint's weights, on `device`, in eval mode."""
+def load_model(
+    path: str | Path, device: torch.device | str | None = None, train_command: str | None = None
+) -> nn.Module:
+    """A ResNet-9 with the checkpoint's weights, on `device`, in eval mode.
+
+    `train_command` is the train.py command that writes this checkpoint, shown when it is missing.
+    """
     path = Path(path)
     device = torch.device(device) if device is not None else get_device()
     if not path.is_file():
-        raise PipelineError(
-            f"no checkpoint at {path}: run train.py first "
-            f"(python train.py --dataset_dir ./data --checkpoint_dir {path.parent})"
-        )
+        command = train_command or f"python train.py --checkpoint_dir {path.parent}"
+        raise PipelineError(f"no checkpoint at {path}: run train.py first: {command}")
     try:  # read on the CPU: the model is built there, and a GPU out of memory is not an unreadable file
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
@@ -184,8 +188,7 @@ def load_cifar10_arrays(dataset_dir: str | Path, train: bool) -> tuple[torch.Ten
             torchvision.datasets.CIFAR10(root=str(dataset_dir), train=train, download=True)
         except Exception as e:
             raise PipelineError(
-                f"no CIFAR-10 at {folder} and the download failed ({type(e).__name__}); "
-                f"to make it offline: {MAKE_DATA_HINT}"
+                f"no CIFAR-10 at {folder} and the download failed ({type(e).__name__}); {MAKE_DATA_HINT}"
             ) from e
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     parts = [_unpickle_batch(folder / name) for name in names]
@@ -196,25 +199,43 @@ def load_cifar10_arrays(dataset_dir: str | Path, train: bool) -> tuple[torch.Ten
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def load_noisy_labels(path: str | Path, key: str) -> torch.Tensor:
-    """int64 labels stored under `key` in an .npz (e.g. CIFAR-10N's aggre_label), in training order."""
+def load_noisy_labels(path: str | Path, key: str, clean: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 labels stored under `key` (e.g. CIFAR-10N's aggre_label), in training order, from an .npz or the
+    CIFAR-10N release's CIFAR-10_human.pt (read without running its pickle: see label_files.py).
+
+    When the file also holds `clean_label` and `clean` (the dataset's official labels) is given, the two must
+    agree: a file in another order than the dataset would pair every image with someone else's label.
+    """
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"no noisy-label file at {path}")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if key not in npz.files:
-                raise PipelineError(f"no key {key!r} in {path}; available: {', '.join(npz.files)}")
-            labels = npz[key]
-    except PipelineError:
-        raise
-    except Exception as e:
-        raise PipelineError(f"cannot read {path} as .npz ({type(e).__name__}: {e})") from e
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise PipelineError(f"{path}[{key!r}] is not a 1-D integer array (shape {labels.shape}, {labels.dtype})")
-    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        arrays = read_label_arrays(path)
+    except LabelFileError as e:
+        raise PipelineError(str(e)) from None
+    if key not in arrays:
+        raise PipelineError(f"no key {key!r} in {path}; available: {', '.join(sorted(arrays))}")
+    labels = _label_array(arrays[key], path, key)
+    if clean is not None:
+        if len(labels) != len(clean):
+            raise PipelineError(f"{path}[{key!r}] has {len(labels)} labels; the training set has {len(clean)}")
+        if "clean_label" in arrays:
+            official = _label_array(arrays["clean_label"], path, "clean_label")
+            differ = int((official != clean.cpu()).sum()) if len(official) == len(clean) else len(clean)
+            if differ:
+                raise PipelineError(
+                    f"{path}'s clean_label differs from the dataset's labels at {differ} of {len(clean)} images: "
+                    "the file is for another copy or order of CIFAR-10"
+                )
+    return labels
+
+
+def _label_array(values: np.ndarray, path: Path, key: str) -> torch.Tensor:
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise PipelineError(f"{path}[{key!r}] is not a 1-D integer array (shape {values.shape}, {values.dtype})")
+    if values.size and (values.min() < 0 or values.max() >= NUM_CLASSES):
         raise PipelineError(f"{path}[{key!r}] has labels outside 0..{NUM_CLASSES - 1}")
-    return torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(values.astype(np.int64))
 
 
 # ---- Data: label corruption ----
@@ -304,11 +325,7 @@ def get_cifar10(
     images, clean = load_cifar10_arrays(dataset_dir, train=is_train)
     labels = clean
     if noisy_labels is not None:
-        labels = load_noisy_labels(noisy_labels, noisy_labels_key)
-        if len(labels) != len(clean):
-            raise PipelineError(
-                f"{noisy_labels}[{noisy_labels_key!r}] has {len(labels)} labels; the training set has {len(clean)}"
-            )
+        labels = load_noisy_labels(noisy_labels, noisy_labels_key, clean)
     if num_train is not None:
         if not 1 <= num_train <= len(clean):
             raise PipelineError(f"--num_train must be between 1 and {len(clean)}, got {num_train}")

@@ -88,7 +88,8 @@ def test_corruption_applies_after_num_train(fake_cifar_dir):
 def test_noisy_labels(tmp_path, fake_cifar_dir):
     path = tmp_path / "noisy.npz"
     noisy = (np.arange(200) % 10).astype(np.int64)
-    np.savez(path, aggre_label=noisy, clean_label=np.zeros(200, dtype=np.int64))
+    clean = get_cifar10(fake_cifar_dir, "train", device="cpu").clean_labels.numpy()  # the file's must match
+    np.savez(path, aggre_label=noisy, clean_label=clean)
     assert load_noisy_labels(path, "aggre_label").tolist() == noisy.tolist()
     with pytest.raises(PipelineError, match="available: aggre_label, clean_label"):
         load_noisy_labels(path, "worse_label")
@@ -215,7 +216,7 @@ def test_missing_data_offline_is_one_line(tmp_path, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
-    assert "make_cifar10.py" in err
+    assert "copy cifar-10-batches-py/ into the dataset dir" in err
 
 
 # ---- Model and checkpoints ----

@@ -1,0 +1,92 @@
+"""Read files of given training labels (CIFAR-10N) without running code from them.
+
+Two formats are accepted, both mapping names to 1-D integer arrays in training order:
+
+- `.npz` (numpy), read with allow_pickle=False;
+- the CIFAR-10N release as published (`CIFAR-10_human.pt`, https://github.com/UCSC-REAL/cifar-10-100n): a torch
+  zip archive whose `data.pkl` is a pickled dict of numpy arrays (clean_label, aggre_label, worse_label,
+  random_label1..3). torch.load would run whatever that pickle names; this reader lets it name only what
+  rebuilds a numpy array, under numpy 1.x (`numpy.core`) or 2.x (`numpy._core`), and refuses anything else
+  before calling it.
+
+    from label_files import read_label_arrays
+    arrays = read_label_arrays("CIFAR-10_human.pt")   # {"clean_label": array([...]), ...}
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class LabelFileError(ValueError):
+    """The file cannot be read as a label file; the message says why in one line."""
+
+
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    # Pickle protocol 2 (torch.save's default) stores an array's raw bytes as _codecs.encode(text, "latin1").
+    if encoding != "latin1":
+        raise LabelFileError(f"the pickle asks to encode with {encoding!r}; only latin1 rebuilds array bytes")
+    return codecs.encode(text, "latin1")
+
+
+# Everything a pickled numpy array may name: its rebuild function (moved from numpy.core to numpy._core in numpy 2),
+# the ndarray and dtype classes, and the bytes helper above. Nothing else is ever looked up.
+_RECONSTRUCT = np.ndarray(0).__reduce__()[0]
+_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise LabelFileError(f"its pickle asks for {module}.{name}; only numpy arrays are read") from None
+
+
+def _read_torch_archive(path: Path) -> dict:
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(names) != 1:
+            raise LabelFileError("it is a zip file but not a torch.save archive (no single data.pkl)")
+        payload = archive.read(names[0])
+    return _ArraysOnly(io.BytesIO(payload), encoding="latin1").load()
+
+
+def read_label_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array in an .npz or a CIFAR-10N-style .pt file; LabelFileError (one line) when it cannot be read."""
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path) and not _is_npz(path):
+            content = _read_torch_archive(path)
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                content = {key: npz[key] for key in npz.files}
+    except LabelFileError as e:
+        raise LabelFileError(f"cannot read {path}: {e}") from None
+    except Exception as e:  # truncated archive, not a numpy file, malformed pickle
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise LabelFileError(
+            f"cannot read {path} as .npz or as the CIFAR-10N .pt release ({type(e).__name__}: {first})"
+        ) from None
+    if not isinstance(content, dict) or not all(isinstance(v, np.ndarray) for v in content.values()):
+        raise LabelFileError(f"cannot read {path}: expected a dict of numpy arrays, found {type(content).__name__}")
+    return {str(key): value for key, value in content.items()}
+
+
+def _is_npz(path: Path) -> bool:
+    # An .npz is a zip of .npy members; a torch archive holds data.pkl and friends.
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return bool(names) and all(name.endswith(".npy") for name in names)
