@@ -67,7 +67,7 @@ PHASES = {
 }
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_train", type=int, default=1000, help="training examples (default 1000)")
     parser.add_argument("--num_queries", type=int, default=50, help="query examples (default 50)")
@@ -114,7 +114,7 @@ def parse_args():
         "(the engine's default: a bound on the CPU, whole batches on a GPU)",
     )
     add_process_flags(parser)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def parse_max_elements(text: str) -> int | str | None:

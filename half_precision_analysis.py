@@ -4,7 +4,7 @@ Reads influence_results/cifar10/scores_<strategy>/ and scores_<strategy>_half/ (
 without --use_half_precision), prints the mean, lowest and highest per-query Spearman correlation, and
 draws figure/half_precision.png: bf16 against fp32 scores of one query.
 
-    python half_precision_analysis.py [--factor_strategy ekfac] [--query_index 0]
+    python half_precision_analysis.py --factor_strategy ekfac --query_index 0
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from influence.storage import load_tensors
 from pipeline import PipelineError
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="./influence_results", help="where analyze.py saved its scores")
     parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES)
     parser.add_argument("--query_index", type=int, default=0, help="query whose scores are drawn")
     parser.add_argument("--figure", default="figure/half_precision.png", help="where to draw the scatter plot")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def load_scores(output_dir: str, name: str) -> np.ndarray:

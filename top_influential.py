@@ -4,7 +4,7 @@ Reads the pairwise scores analyze.py saved (influence_results/cifar10/scores_<st
 chosen query, the query image, its top-k most helpful (highest score) and most harmful (lowest score)
 training images with their labels and scores, into figure/top_influential.png.
 
-    python top_influential.py --dataset_dir ./data [--factor_strategy ekfac] [--queries 0 1 2 3] [--top_k 5]
+    python top_influential.py --dataset_dir ./data --factor_strategy ekfac --queries 0 1 2 3 --top_k 5
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from influence.storage import load_tensors, read_json
 from pipeline import CLASSES, PipelineError, get_cifar10
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/")
     parser.add_argument("--output_dir", default="./influence_results", help="where analyze.py saved its scores")
@@ -28,7 +28,7 @@ def parse_args():
     parser.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2, 3], help="query indices to show")
     parser.add_argument("--top_k", type=int, default=5, help="helpful and harmful images per query")
     parser.add_argument("--figure", default="figure/top_influential.png", help="where to draw the picture")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def draw(rows: list[dict], path: Path, top_k: int) -> None:

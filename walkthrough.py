@@ -1,7 +1,8 @@
 """Run everything the README reports, at one scale, in one command, keeping every log.
 
-    python walkthrough.py --scale cpu [--noisy_labels cifar10n_train_labels.npz]    # about 2 hours on 2 cores
-    python walkthrough.py --scale gpu [--noisy_labels ...]                           # the original full job
+    python walkthrough.py --scale demo                                  # about 4 minutes on a 2-core laptop
+    python walkthrough.py --scale cpu --noisy_labels CIFAR-10_human.pt  # about 2 hours on 2 cores
+    python walkthrough.py --scale gpu --noisy_labels CIFAR-10_human.pt  # the original full job, on a GPU
 
 Each step is one of the project's scripts; its output goes to walkthrough_logs/<scale>/<step>.log, the figures
 to figure/<scale>/, and walkthrough_logs/<scale>/summary.md collects every step's printed results (training
@@ -10,12 +11,16 @@ peak memory. A step that finished is skipped when the walk-through is started ag
 an interrupted walk-through continues where it stopped, as do the influence passes inside a step.
 
 Scales:
-  cpu: a model that fits its labels on a subset a 2-core CPU trains in minutes (see CPU below), every strategy
-       for mislabel detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on
-       CPUs without bf16 units), the benchmark, and the same jobs split over 2 processes.
-  gpu: the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32 and
-       bf16, self-influence of all 50,000, every strategy, and the full-size benchmark.
-CIFAR-10N labels (--noisy_labels, an .npz with an `aggre_label` array) add the real-label-noise steps.
+  demo: 500 training images and a short training, EK-FAC pairwise scores for 16 test images with the picture of
+        their most influential training images, and mislabel detection with its figure.
+  cpu:  a model that fits its labels on a subset a 2-core CPU trains in minutes, every strategy for mislabel
+        detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on CPUs
+        without bf16 units), the benchmark, and the same jobs split over 2 processes.
+  gpu:  the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32
+        and bf16, self-influence of all 50,000, every strategy, and the full-size benchmark.
+The CIFAR-10N steps (training and detection on human label mistakes) run when --noisy_labels names the
+release's CIFAR-10_human.pt (https://github.com/UCSC-REAL/cifar-10-100n, folder data/) or an .npz with an
+aggre_label array; without it they are skipped with a line saying so.
 """
 
 from __future__ import annotations
@@ -26,24 +31,32 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from cli import ArgumentParser, run_cli
-from pipeline import BATCHES_FOLDER, PipelineError
+from pipeline import PipelineError
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 
 # Training recipes: the original optimiser and schedule (SGD, learning rate 0.4 reached linearly at 20% of the
 # steps then decayed linearly to 0, weight decay 1e-3, crops and flips); the CPU recipe takes a subset small enough
 # to train in minutes and enough steps (small batches) for the model to fit its own labels, wrong ones included.
-FULL_BENCH = ["--num_train", "50000", "--num_queries", "2000", "--query_batch_size", "1000", "--dataset_dir", "./data"]
+# Every step gets --dataset_dir; the benchmark is sized here.
+FULL_BENCH = ["--num_train", "50000", "--num_queries", "2000", "--query_batch_size", "1000"]
 SCALES = {
+    "demo": {
+        "train": ["--num_train", "500", "--train_batch_size", "32", "--num_train_epochs", "8", "--num_test", "1000"],
+        "influence": ["--num_train", "500"],
+        "queries": ["--num_queries", "16", "--query_batch_size", "16"],
+    },
     "cpu": {
         "train": ["--num_train", "2000", "--train_batch_size", "32", "--num_train_epochs", "35"],
         "influence": ["--num_train", "2000"],
         "queries": ["--num_queries", "100", "--query_batch_size", "100"],
         "half_check": ["--num_train", "200", "--num_queries", "20", "--query_batch_size", "20"],
-        "bench": ["--num_train", "1000", "--num_queries", "50", "--dataset_dir", "./data"],
+        "bench": ["--num_train", "1000", "--num_queries", "50"],
         # bf16 is emulated on CPUs without bf16 units (about 5 s per image for Lambda alone on AVX2): kept tiny
-        "bench_bf16": ["--num_train", "32", "--num_queries", "8", "--dataset_dir", "./data"],
+        "bench_bf16": ["--num_train", "32", "--num_queries", "8"],
         # 4 batches, so that 2 processes get 2 each
         "scaling": ["--num_train", "512", "--train_batch_size", "128"],
         "scaling_queries": ["--num_queries", "32", "--query_batch_size", "32"],
@@ -59,29 +72,31 @@ SCALES = {
         "scaling_queries": None,
     },
 }
+CIFAR10N_HINT = "download CIFAR-10_human.pt from https://github.com/UCSC-REAL/cifar-10-100n (folder data/)"
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", required=True, help="cpu (the README's walk-through) or gpu (the full job)")
+    parser.add_argument(
+        "--scale", required=True, choices=SCALES, help="demo (minutes), cpu (the README's walk-through) or gpu"
+    )
     parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
     parser.add_argument(
-        "--cifar_source",
+        "--noisy_labels",
         default=None,
-        help="folder with make_cifar10.py and its .npz, to write an offline CIFAR-10 copy when the data is missing",
-    )
-    parser.add_argument(
-        "--noisy_labels", default=None, help="CIFAR-10N labels (.npz with aggre_label) for the real-noise steps"
+        help=f"CIFAR-10N labels for the real-noise steps: CIFAR-10_human.pt or an .npz ({CIFAR10N_HINT})",
     )
     parser.add_argument("--log_dir", default="./walkthrough_logs", help="where logs and summary.md go")
     parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
-    args = parser.parse_args(argv)
-    if args.scale not in SCALES:
-        parser.error(f"unknown scale {args.scale!r}: choose one of {', '.join(SCALES)}")
+    return parser.parse_args(argv)
+
+
+def check_inputs(args) -> None:
     if args.noisy_labels is not None and not Path(args.noisy_labels).is_file():
-        parser.error(f"--noisy_labels {args.noisy_labels} is not a file")
-    return args
+        raise PipelineError(f"--noisy_labels {args.noisy_labels} is not a file ({CIFAR10N_HINT})")
+    if args.scale == "gpu" and not args.dry_run and not torch.cuda.is_available():
+        raise PipelineError("--scale gpu needs a GPU and torch sees none: run --scale cpu or --scale demo here")
 
 
 def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
@@ -89,19 +104,29 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
     scale = SCALES[args.scale]
     py = [sys.executable]
     figures = f"figure/{args.scale}"
-    data = ["--dataset_dir", args.dataset_dir, "--checkpoint_dir", f"./checkpoints/{args.scale}"]
+    dataset = ["--dataset_dir", args.dataset_dir]
+    data = [*dataset, "--checkpoint_dir", f"./checkpoints/{args.scale}"]
     results = ["--output_dir", f"./influence_results/{args.scale}"]
     noisy = ["--noisy_labels", args.noisy_labels, "--noisy_labels_key", "aggre_label"] if args.noisy_labels else None
     one_thread = {"OMP_NUM_THREADS": "1"}
     torchrun = [*py, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    top_influential = [*py, "top_influential.py", *dataset, *results, "--queries", "0", "1", "2", "3"]
+    top_influential += ["--figure", f"{figures}/top_influential.png"]
+    detect = [*py, "detect_mislabeled_dataset.py", *data, *results, *scale["influence"], "--profile"]
+    analyze = [*py, "analyze.py", *data, *results, *scale["influence"], "--factor_strategy", "ekfac", "--profile"]
 
     found = [
         ("train_clean", [*py, "train.py", *data, *scale["train"]], {}),
         ("train_corrupt", [*py, "train.py", *data, *scale["train"], "--corrupt_percentage", "0.1"], {}),
     ]
+    if args.scale == "demo":
+        return found + [
+            ("analyze_ekfac", [*analyze, *scale["queries"]], {}),
+            ("top_influential", top_influential, {}),
+            ("detect_ekfac", [*detect, "--figure", f"{figures}/mislabel.png", "--factor_strategy", "ekfac"], {}),
+        ]
     if noisy:
         found.append(("train_noisy", [*py, "train.py", *data, *scale["train"], *noisy], {}))
-    analyze = [*py, "analyze.py", *data, *results, *scale["influence"], "--factor_strategy", "ekfac", "--profile"]
     found.append(("analyze_ekfac", [*analyze, *scale["queries"]], {}))
     # On the CPU, bf16 is compared on a smaller subset (it may be emulated); on a GPU, on the full job above.
     half = [*results[:1], f"./influence_results/{args.scale}_half_check"] if args.scale == "cpu" else results
@@ -110,23 +135,17 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
         ("half_check_fp32", half_data, {}),
         ("half_check_bf16", [*half_data, "--use_half_precision"], {}),
         ("half_precision", [*py, "half_precision_analysis.py", *half, "--figure", f"{figures}/half_precision.png"], {}),
-        (
-            "top_influential",
-            [*py, "top_influential.py", "--dataset_dir", args.dataset_dir, *results, "--queries", "0", "1", "2", "3"]
-            + ["--figure", f"{figures}/top_influential.png"],
-            {},
-        ),
+        ("top_influential", top_influential, {}),
     ]
-    detect = [*py, "detect_mislabeled_dataset.py", *data, *results, *scale["influence"], "--profile"]
     for strategy in STRATEGIES:  # the last run prints the columns of every strategy
         figure = ["--figure", f"{figures}/mislabel.png"]
         found.append((f"detect_{strategy}", [*detect, *figure, "--factor_strategy", strategy], {}))
     if noisy:
         figure = ["--figure", f"{figures}/mislabel_noisy_aggre_label.png"]
         found.append(("detect_noisy_ekfac", [*detect, *noisy, *figure, "--factor_strategy", "ekfac"], {}))
-    bench = ["bench.py", *scale["bench"]]
-    found.append(("bench_fp32", [*py, *bench, "--save_interval", "15"], {}))
-    found.append(("bench_bf16", [*py, "bench.py", *scale["bench_bf16"], "--use_half_precision"], {}))
+    bench = [*py, "bench.py", *dataset, *scale["bench"]]
+    found.append(("bench_fp32", [*bench, "--save_interval", "15"], {}))
+    found.append(("bench_bf16", [*py, "bench.py", *dataset, *scale["bench_bf16"], "--use_half_precision"], {}))
     if args.scale == "cpu":
         # The CPU's default batch of 128 against the GPU's 512 and others, on the same job.
         for size in (512, 256, 128, 64):
@@ -137,7 +156,7 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
     if scale["scaling"] is not None:
         # The same jobs on one thread in one process, and split over 2 processes of one thread each.
         for name, script, extra in (
-            ("bench", "bench.py", scale["bench"]),
+            ("bench", "bench.py", [*dataset, *scale["bench"]]),
             ("detect", "detect_mislabeled_dataset.py", [*data, *scale["scaling"], "--factor_strategy", "ekfac"]),
             (
                 "analyze",
@@ -196,15 +215,16 @@ def write_summary(args, done: list[tuple[str, list[str], float, float]], log_dir
 
 def main() -> None:
     args = parse_args()
+    check_inputs(args)
     log_dir = Path(args.log_dir) / args.scale
     plan = steps(args)
+    if args.scale != "demo" and args.noisy_labels is None:
+        print(f"CIFAR-10N steps skipped: no --noisy_labels ({CIFAR10N_HINT})", file=sys.stderr, flush=True)
     if args.dry_run:
         for name, command, env in plan:
             print(f"{name}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(command)}")
         return
     log_dir.mkdir(parents=True, exist_ok=True)
-    if not (Path(args.dataset_dir) / BATCHES_FOLDER).is_dir() and args.cifar_source:
-        subprocess.run([sys.executable, str(Path(args.cifar_source) / "make_cifar10.py"), args.dataset_dir], check=True)
     done = []
     for name, command, env in plan:
         marker = log_dir / f"{name}.done"

@@ -189,7 +189,7 @@ def test_script_errors_are_one_line(workspace, tmp_path):
         (
             "analyze.py",
             ["--dataset_dir", str(tmp_path / "none"), "--checkpoint_dir", workspace["checkpoints"]],
-            "make_cifar10.py",
+            "copy cifar-10-batches-py/ into the dataset dir",
         ),
         ("detect_mislabeled_dataset.py", ["--checkpoint_dir", str(tmp_path)], "run train.py first"),
         ("half_precision_analysis.py", ["--output_dir", str(tmp_path)], "run python analyze.py"),
@@ -306,13 +306,20 @@ def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, t
 
 def test_walkthrough_arguments(tmp_path):
     for args, message in (
-        (["--scale", "tpu"], "unknown scale 'tpu': choose one of cpu, gpu"),
+        (["--scale", "tpu"], "invalid choice: 'tpu' (choose from 'demo', 'cpu', 'gpu')"),
         ([], "the following arguments are required: --scale"),
         (["--scale", "cpu", "--noisy_labels", str(tmp_path / "none.npz")], "is not a file"),
     ):
         result = run("walkthrough.py", *args, expect=2)
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr, result.stderr
+    if not torch.cuda.is_available():  # on a GPU machine this would start the full job
+        result = run("walkthrough.py", "--scale", "gpu", "--log_dir", str(tmp_path), expect=2)
+        assert (
+            result.stderr
+            == "error: --scale gpu needs a GPU and torch sees none: run --scale cpu or --scale demo here\n"
+        )
+        assert not (tmp_path / "gpu").exists()
     plan = run("walkthrough.py", "--scale", "cpu", "--dry_run", "--log_dir", str(tmp_path)).stdout
     steps = [line.split(":")[0] for line in plan.splitlines()]
     assert steps[:2] == ["train_clean", "train_corrupt"] and "train_noisy" not in steps
