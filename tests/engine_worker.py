@@ -9,6 +9,7 @@ OUT/returned_rank<r>_<case>.safetensors, so the test can check that every rank c
 
 Options (JSON): "cases" (names, default all), "max_elements" (chunk bound), "save_interval" (seconds),
 "kill": [k, b] (SIGKILL this process when the k-th pass over the training data of this run reaches batch b),
+"term": [k, b, r] (SIGTERM rank r at the same point: the engine stops at the end of the round and saves),
 "fail_rank": r (that rank raises in its first training batch), "timeout" (seconds, the process group's),
 "device": the processes' device, and so the backend ("cpu": gloo, the default, so that the CPU tests stay on the
 CPU on a GPU host; "cuda": nccl, one GPU per rank), "model_device": where the model and data live (default: the
@@ -66,10 +67,10 @@ class SamplingTask(TinyTask):
 
 
 class KillingData:
-    """Re-iterable batches that SIGKILL the process at batch `at[1]` of the `at[0]`-th pass (counted from 1)."""
+    """Re-iterable batches that send `signum` to the process at batch `at[1]` of the `at[0]`-th pass (from 1)."""
 
-    def __init__(self, items, at=None):
-        self.items, self.at, self.passes = items, at, 0
+    def __init__(self, items, at=None, signum=signal.SIGKILL):
+        self.items, self.at, self.passes, self.signum = items, at, 0, signum
 
     def __len__(self):
         return len(self.items)
@@ -79,7 +80,7 @@ class KillingData:
         for index, item in enumerate(self.items):
             if self.at is not None and [self.passes, index] == list(self.at):
                 sys.stdout.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), self.signum)
             yield item
 
 
@@ -97,7 +98,11 @@ def run(out: Path, options: dict) -> None:
     task = SamplingTask(fail=options.get("fail_rank") == rank)
     for name in options.get("cases") or list(cases()):
         case = cases()[name]
-        train = KillingData(batches(x, y, case["batch"]), options.get("kill"))
+        term = options.get("term")
+        if term is not None and term[2] == rank:
+            train = KillingData(batches(x, y, case["batch"]), term[:2], signal.SIGTERM)
+        else:
+            train = KillingData(batches(x, y, case["batch"]), options.get("kill"))
         analyzer = Analyzer(
             name,
             model,
