@@ -111,17 +111,18 @@ def test_sigterm_in_each_pass_saves_and_the_rerun_resumes(tmp_path, reference):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back
 
 
-def test_sigterm_to_one_of_two_processes_stops_both_with_their_shares_saved(tmp_path, reference):
+def test_sigterm_to_one_of_two_processes_stops_both_with_their_shares_saved(tmp_path, capsys, reference):
     # Rank 1 alone is signalled, in round 2 of the covariance pass (batches 2 and 3): both ranks finish the round,
     # sum their shares into rank 0's file, and exit 143; rank 0 says what it saved.
     results = launch(tmp_path, 2, {"cases": [CASE], "term": [1, 2, 1]})
     assert [result.returncode for result in results] == [143, 143], [r.stderr for r in results]
     assert_stopped(results[0], "Fit covariance after 4 batches (28 examples)")
     assert "interrupted" not in results[1].stderr and "error" not in results[1].stderr, results[1].stderr
-    results = launch(tmp_path, 2, {"cases": [CASE]})
-    assert [result.returncode for result in results] == [0, 0], [r.stderr for r in results]
-    assert (
-        "Fit covariance: resuming from activation_covariance.partial.safetensors after 4 batches" in results[0].stdout
+    # Resumed here, in one process (results do not depend on the number of processes): the sums saved must hold
+    # both ranks' shares for the results to match.
+    engine_worker.run(tmp_path, {"cases": [CASE]})
+    assert "Fit covariance: resuming from activation_covariance.partial.safetensors after 4 batches" in (
+        capsys.readouterr().out
     )
     assert_same(tmp_path / CASE, reference / CASE)
 
