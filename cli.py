@@ -49,19 +49,18 @@ def run_cli(main: Callable[[], object]) -> None:
     with influence_interrupt.handling():
         try:
             main()
-            end_processes(success=True)
+            if end_processes(success=True):
+                leave(0, was_distributed=True)
         except (PipelineError, InfluenceError) as e:
             influence_distributed.publish_failure(str(e))
             print(f"error: {e}", file=sys.stderr)
-            end_processes(success=False)
-            sys.exit(2)
+            leave(2, end_processes(success=False))
         except influence_interrupt.Interrupted as e:
             if e.saved is None:  # stopped alone, outside a pass: ranks waiting for this one stop, naming it
                 influence_distributed.publish_failure(e.message())
             if is_main():
                 print(e.message(), file=sys.stderr)
-            end_processes(success=False)
-            sys.exit(e.exit_status)
+            leave(e.exit_status, end_processes(success=False))
         except KeyboardInterrupt:
             influence_distributed.publish_failure("interrupted")
             print("interrupted", file=sys.stderr)
@@ -69,6 +68,17 @@ def run_cli(main: Callable[[], object]) -> None:
         except Exception as e:
             influence_distributed.publish_failure(f"{type(e).__name__}: {e}")
             raise
+
+
+def leave(status: int, was_distributed: bool) -> None:
+    """Exit with `status`. A torchrun worker skips the interpreter's teardown: once the process group is destroyed,
+    torch's C++ objects freed at interpreter exit can abort a finished rank ("terminate called without an active
+    exception"), turning a run whose files are all written into a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if was_distributed:
+        os._exit(status)
+    sys.exit(status)
 
 
 def is_main() -> bool:
@@ -140,15 +150,18 @@ def local_gpu(local_rank: int, local_world: int, gpus: int) -> int:
     return local_rank
 
 
-def end_processes(success: bool) -> None:
+def end_processes(success: bool) -> bool:
+    """Leave the process group (after the others, on success); whether there was one."""
     if not (dist.is_available() and dist.is_initialized()):
-        return
+        return False
     if success:  # rank 0 may host the store: nobody leaves while another still needs it
         try:
             dist.barrier()
         except RuntimeError:
             pass
+    influence_distributed.forget_groups()
     dist.destroy_process_group()
+    return True
 
 
 def add_process_flags(parser: argparse.ArgumentParser) -> None:

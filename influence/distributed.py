@@ -44,6 +44,14 @@ _timeout: timedelta | None = None
 _control_groups: dict[Any, Any] = {}
 
 
+def forget_groups() -> None:
+    """Drop the groups and the store this module holds, before the process group is destroyed, so that none of
+    them outlives it into the interpreter's teardown."""
+    global _store
+    _control_groups.clear()
+    _store = None
+
+
 def remember_store(store: dist.Store | None, timeout: timedelta | None = None) -> None:
     global _store, _timeout
     _store, _timeout = store, timeout
