@@ -6,10 +6,7 @@ tests/test_gpu.py runs the same paths on a GPU where there is one.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import runpy
 import subprocess
 import sys
 from argparse import Namespace
@@ -28,6 +25,7 @@ from influence.capture import Capture, backward_batch
 from influence.modules import find_layers
 from pipeline import CifarData, PipelineError, TensorBatches
 from tests.reference import TinyTask, batches, make_model
+from tests.test_scripts import run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 1)  # a device object needs no GPU; no tensor is put on it
@@ -213,32 +211,18 @@ def test_the_benchmark_floor_counts_each_flop_at_its_precisions_rate():
     assert bench.matmul_size(Namespace(matmul_size=None), CPU) == 2048
 
 
-def run_script(script: str, *args: str, expect: int = 0) -> tuple[str, str]:
-    stdout, stderr, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
-    sys.argv = [script, *args]
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    finally:
-        sys.argv = argv
-    assert code == expect, stderr.getvalue()
-    return stdout.getvalue(), stderr.getvalue()
-
-
 def test_bench_on_the_cpu_with_the_scripts_batch_size_and_whole_batches():
-    out, _ = run_script(
+    out = run(
         "bench.py", "--device", "cpu", "--num_train", "12", "--num_queries", "3", "--factor_strategy", "diagonal",
         "--max_elements", "none", "--matmul_size", "256",
-    )  # fmt: skip
+    ).stdout  # fmt: skip
     assert "diagonal, fp32, cpu, 12 training examples, 3 queries, training batches of 128" in out
     assert "Matrix-multiply rate (256^2, float32): " in out and "tf32" not in out
     assert [line.split()[0] for line in out.splitlines()[4:7]] == ["Lambda", "pairwise", "self-influence"]
-    _, err = run_script("bench.py", "--max_elements", "lots", expect=2)
+    err = run("bench.py", "--max_elements", "lots", expect=2).stderr
     assert err.startswith("error: argument --max_elements: expected a number, 'none' or 'auto'")
     assert err.count("\n") == 1
-    help_text, _ = run_script("bench.py", "--help")
+    help_text = run("bench.py", "--help").stdout
     assert "--checkpoint FILE.safetensors" in help_text and "TF32" in help_text
 
 
