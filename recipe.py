@@ -175,10 +175,11 @@ def train_model(
         resumed_loss = extra["epoch_loss"].to(device) if rank == 0 else torch.zeros((), device=device)
         resumed_count = progress_saved["epoch_examples"] if rank == 0 else 0
         train_batches.epoch = start_epoch  # each epoch's order and augmentation come from seed + epoch
-        say(
-            f"resuming from {state_path.name} at {position(start_epoch, start_step, epochs, steps)}, "
-            "saved by an interrupted run"
-        )
+        if group.is_main:  # said even when not verbose: which work is not redone
+            tqdm.write(
+                f"resuming from {state_path.name} at {position(start_epoch, start_step, epochs, steps)}, "
+                "saved by an interrupted run"
+            )
     trained = DistributedDataParallel(model) if world > 1 else model
     start = time.time() - elapsed
 

@@ -1,0 +1,407 @@
+"""Do the scores predict retraining? The linear datamodeling score (LDS) of every strategy (lds.py has the math).
+
+Draws M random subsets of alpha * N of the first N training images (from --seed), trains K models on each from
+scratch with train.py's recipe (recipe.py, the same code), and records each model's margin on the first Q test
+images; trains the model on all N the same way and scores it with every --strategies and --damping through the
+engine; then LDS(q) = Spearman over the subsets of (sum of the scores of the subset's examples) against the
+measured margin (mean over seeds), reported as the mean over queries with a 95% bootstrap interval, beside random
+scores (about 0) and, with K >= 2, the agreement of two seeds' margins (what retraining noise leaves to explain).
+
+Tiny check (minutes on a CPU):
+    python evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/tiny --num_train 64 --num_queries 8 \
+        --num_subsets 6 --seeds_per_subset 2 --train_batch_size 32 --num_train_epochs 2
+CPU scale (docs/lds.md says why these sizes; about 75 minutes on 2 cores with two processes):
+    torchrun --nproc_per_node=2 evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/cpu \
+        --num_train 1000 --num_queries 100 --num_subsets 32 --seeds_per_subset 2 \
+        --train_batch_size 32 --num_train_epochs 12 --profile
+GPU scale (the original recipe on 25,000-image halves of all 50,000, 100 subsets; one process per GPU):
+    python evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/gpu --num_subsets 100 \
+        --seeds_per_subset 2 --use_channels_last --profile
+
+Files in --output_dir, readable on their own: masks.safetensors ("masks", bool [M, N], the settings in its
+metadata), margins.safetensors ("margins", float32 [M, K, Q]), lds.json and lds.md (the table), lds.png (the
+figure), model_full.safetensors (the model scored), influence_results/ (the engine's factors and scores) and
+units/ (one margins file per finished model). A rerun trains only the models not finished; a model stopped by
+SIGTERM or SIGINT resumes from its training state (units/*.partial.safetensors, saved at the end of the step in
+progress and every --save_interval seconds). Under torchrun every process trains whole models, one thread each
+on a CPU, with the results of one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import lds
+from cli import (
+    ArgumentParser,
+    add_process_flags,
+    file_fingerprint,
+    is_main,
+    keep_freed_memory,
+    parse_damping,
+    run_cli,
+    save_figure,
+    start_processes,
+)
+from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments
+from influence.storage import safetensors_size, write_atomically
+from pipeline import CifarData, ClassificationTask, PipelineError, TensorBatches, get_cifar10, load_model, save_model
+from recipe import add_recipe_flags, check_recipe_flags, recipe_of, train_model
+
+DEFAULT_DAMPING = 1e-8  # analyze.py's
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
+    parser.add_argument("--output_dir", default="./lds_results", help="where every file goes (default ./lds_results)")
+    sizes = parser.add_argument_group("retrainings")
+    sizes.add_argument("--num_train", type=int, default=None, help="N: the first N training images (default all)")
+    sizes.add_argument("--num_queries", type=int, default=2000, help="Q: the first Q test images (default 2000)")
+    sizes.add_argument("--alpha", type=float, default=0.5, help="each subset holds round(alpha * N) (default 0.5)")
+    sizes.add_argument("--num_subsets", type=int, default=100, help="M random subsets (default 100)")
+    sizes.add_argument("--seeds_per_subset", type=int, default=2, help="K models per subset (default 2)")
+    sizes.add_argument("--eval_batch_size", type=int, default=1024, help="queries per forward pass for margins")
+    add_recipe_flags(parser)  # --seed also draws the subsets; model (j, k) trains with seed + 1 + j * K + k
+    scores = parser.add_argument_group("scores")
+    scores.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), metavar="STRATEGY")
+    scores.add_argument(
+        "--damping",
+        nargs="+",
+        type=parse_damping,
+        default=[DEFAULT_DAMPING],
+        help=f"one or more values (number or 'heuristic' for 0.1 * mean(Lambda)); default {DEFAULT_DAMPING:g}",
+    )
+    scores.add_argument("--use_empirical_fisher", action="store_true", help="factors from the dataset labels")
+    scores.add_argument("--query_batch_size", type=int, default=1000, help="queries per pass over the training data")
+    scores.add_argument(
+        "--influence_batch_size", type=int, default=None, help="training images per batch in the influence passes "
+        "(default 512 on a GPU, 128 on the CPU)",
+    )  # fmt: skip
+    parser.add_argument("--figure", default=None, help="the figure (default: <output_dir>/lds.png)")
+    parser.add_argument("--profile", action="store_true", help="print the engine's timing table")
+    add_process_flags(parser)
+    args = parser.parse_args(argv)
+    check_recipe_flags(parser, args)
+    for name in ("num_train", "num_queries", "num_subsets", "seeds_per_subset", "eval_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be positive, got {value}")
+    if args.num_subsets < 3:
+        parser.error(f"--num_subsets must be at least 3 for a rank correlation, got {args.num_subsets}")
+    if not 0 < args.alpha < 1:
+        parser.error(f"--alpha must be between 0 and 1, got {args.alpha}")
+    args.strategies = list(dict.fromkeys(args.strategies))
+    args.damping = list(dict.fromkeys(args.damping))
+    return args
+
+
+# ---- Files ----
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    meta = {key: json.dumps(value) for key, value in metadata.items()}
+    write_atomically(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta), safetensors_size(cpu, meta))
+
+
+def load(path: Path, key: str) -> tuple[torch.Tensor, dict]:
+    """A tensor and the JSON metadata of a file written by save(); unreadable: a one-line error."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = {name: json.loads(value) for name, value in (handle.metadata() or {}).items()}
+            return handle.get_tensor(key), meta
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        raise PipelineError(f"cannot read {path} ({type(error).__name__}: {error}): delete it to redo it") from None
+
+
+def settings_of(args: argparse.Namespace, num_train: int, num_queries: int) -> dict:
+    """What makes the retrainings: files made with other settings are never mixed in."""
+    return {
+        "num_train": num_train,
+        "num_queries": num_queries,
+        "alpha": args.alpha,
+        "num_subsets": args.num_subsets,
+        "seeds_per_subset": args.seeds_per_subset,
+        "recipe": recipe_of(args),
+    }
+
+
+def masks_for(out: Path, settings: dict, seed: int) -> torch.Tensor:
+    """The subsets, drawn once and saved first (rank 0); a folder holding another run's is refused."""
+    path = out / "masks.safetensors"
+    if path.exists():
+        masks, meta = load(path, "masks")
+        saved = meta.get("settings", {})
+        for key in sorted(set(saved) | set(settings)):
+            if saved.get(key) != settings.get(key):
+                raise PipelineError(
+                    f"{out} holds retrainings with {key}={saved.get(key)!r}, now {key}={settings.get(key)!r}: "
+                    "choose another --output_dir, or delete it to start over"
+                )
+        return masks
+    masks = lds.draw_masks(settings["num_subsets"], settings["num_train"], settings["alpha"], seed)
+    save(path, {"masks": masks}, {"settings": settings})
+    return masks
+
+
+# ---- Units: one model each ----
+
+
+def unit_path(out: Path, unit: tuple[int, int] | None) -> Path:
+    """model_full.safetensors for the model on all N; units/margins_{j}_{k}.safetensors for subset j, seed k."""
+    return out / "model_full.safetensors" if unit is None else out / "units" / f"margins_{unit[0]:04d}_{unit[1]:02d}"
+
+
+def margins_file(out: Path, unit: tuple[int, int]) -> Path:
+    return unit_path(out, unit).with_suffix(".safetensors")
+
+
+@torch.no_grad()
+def query_margins(model: torch.nn.Module, queries: CifarData, batch_size: int) -> torch.Tensor:
+    """float32 [Q]: logit of the label minus logsumexp of the others, in eval mode (minus the measurement that
+    analyze.py scores, ClassificationTask.compute_measurement, query by query)."""
+    model.eval()
+    found = []
+    for x, y in TensorBatches(queries, batch_size):
+        logits = model(x).float()
+        correct = logits.gather(1, y[:, None]).squeeze(1)
+        others = logits.scatter(1, y[:, None], -torch.inf)
+        found.append(correct - others.logsumexp(dim=1))
+    return torch.cat(found).cpu()
+
+
+def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarData, device) -> float:
+    """Train one model, save its margins (or, for the full model, its weights); the seconds it took."""
+    if unit is None:
+        data, seed, state = train, args.seed, out / "model_full.partial.safetensors"
+    else:
+        j, k = unit
+        index = masks[j].nonzero().flatten().to(train.labels.device)
+        data = CifarData(train.images[index], train.labels[index], train.clean_labels[index], "train")
+        seed = args.seed + 1 + j * args.seeds_per_subset + k
+        state = unit_path(out, unit).with_suffix(".partial.safetensors")
+    state.parent.mkdir(parents=True, exist_ok=True)
+    model, seconds = train_model(args, data, device, state, seed=seed, verbose=False)
+    if unit is None:
+        save_model(model, unit_path(out, None))
+    else:
+        margins = query_margins(model, queries, args.eval_batch_size)
+        save(margins_file(out, unit), {"margins": margins}, {"seed": seed, "seconds": seconds})
+    state.unlink(missing_ok=True)
+    return seconds
+
+
+def share_done(done: list[bool], device: torch.device) -> list[bool]:
+    """Rank 0's view of the finished units, so that every rank splits the same list."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return done
+    flags = torch.tensor(done, dtype=torch.int64)
+    dist.broadcast(flags, src=0)
+    return [bool(v) for v in flags.tolist()]
+
+
+def assign(units: list, rank: int, world: int, alpha: float) -> list:
+    """This rank's units: each in turn to the rank with the least work so far (the full model counts 1 / alpha)."""
+    load_of, mine = [0.0] * world, []
+    for unit in units:
+        target = min(range(world), key=lambda r: (load_of[r], r))
+        load_of[target] += 1.0 if unit is not None else 1.0 / alpha
+        if target == rank:
+            mine.append(unit)
+    return mine
+
+
+def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device) -> None:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    units = [None] + [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
+    done = [unit_path(out, None).exists()] + [margins_file(out, u).exists() for u in units[1:]]
+    done = share_done(done, device)
+    remaining = [u for u, finished in zip(units, done, strict=True) if not finished]
+    if is_main():
+        print(
+            f"models: {sum(done)} of {len(units)} done, {len(remaining)} to train "
+            f"({'the full model and ' if None in remaining else ''}{len(remaining) - (None in remaining)} retrainings "
+            f"of {len(masks[0].nonzero())} images; {world} process{'es' if world > 1 else ''})",
+            flush=True,
+        )
+    mine = assign(remaining, rank, world, args.alpha)
+    seconds = []
+    for unit in tqdm(mine, desc="models", disable=not is_main() or not mine):
+        took = train_unit(args, out, unit, train, masks, queries, device)
+        if unit is not None:
+            seconds.append(took)
+    if seconds and is_main():
+        print(f"rank {rank}: {len(seconds)} retrainings, {np.mean(seconds):.1f} s per model", flush=True)
+    if world > 1:
+        dist.barrier()  # every model is trained before the scores and the LDS
+
+
+# ---- Scores ----
+
+
+def damping_name(damping: float | None) -> str:
+    if damping is None:
+        return "heuristic"
+    return f"{damping:g}"
+
+
+def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, device) -> dict:
+    """{(strategy, damping name): scores [Q, N]} of the full model, through the engine (saved and reused)."""
+    model = load_model(unit_path(out, None), device)
+    analyzer = Analyzer(
+        "lds",
+        model,
+        ClassificationTask(),
+        output_dir=str(out / "influence_results"),
+        profile=args.profile,
+        save_interval=args.save_interval,
+    )
+    batch = args.influence_batch_size or (512 if device.type == "cuda" else 128)
+    train_batches = TensorBatches(train_eval, batch)
+    query_batches = TensorBatches(queries, min(args.query_batch_size, len(queries)))
+    # Saved factors and scores are reused only for this model and data (the engine checks these facts).
+    info = {"checkpoint_sha256": file_fingerprint(unit_path(out, None)), "num_train": len(train_eval)}
+    info["num_queries"] = len(queries)
+    found = {}
+    for strategy in args.strategies:
+        factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=args.use_empirical_fisher, info=info)
+        analyzer.fit_all_factors(strategy, train_batches, factor_args)
+        for damping in args.damping:
+            name = strategy if damping == DEFAULT_DAMPING else f"{strategy}_damping_{damping_name(damping)}"
+            score_args = ScoreArguments(damping_factor=damping, info=info)
+            result = analyzer.compute_pairwise_scores(name, strategy, query_batches, train_batches, score_args)
+            found[(strategy, damping_name(damping))] = result["all_modules"].float().cpu()
+    if args.profile and is_main():
+        print(analyzer.profiler.table())
+    return found
+
+
+# ---- The score ----
+
+
+def evaluate(args, masks: torch.Tensor, margins: torch.Tensor, scores: dict) -> list[dict]:
+    rows = []
+    for (strategy, damping), values in scores.items():
+        per_query = lds.lds_per_query(lds.predicted_margins(values, masks), margins)
+        rows.append({"scores": strategy, "damping": damping, **lds.summarize(per_query)})
+    num_queries, num_train = margins.shape[2], masks.shape[1]
+    random = lds.lds_per_query(
+        lds.predicted_margins(lds.random_scores(num_queries, num_train, args.seed), masks), margins
+    )
+    rows.append({"scores": "random", "damping": None, **lds.summarize(random)})
+    if margins.shape[1] >= 2:
+        rows.append({"scores": "seed agreement", "damping": None, **lds.summarize(lds.seed_agreement(margins))})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| scores | damping | LDS | 95% interval | queries used (left out) |", "| --- | --- | --- | --- | --- |"]
+    for row in rows:
+        low, high = row["interval_95"]
+        damping = row["damping"] if row["damping"] is not None else "-"
+        lines.append(
+            f"| {row['scores']} | {damping} | {row['mean']:.3f} | [{low:.3f}, {high:.3f}] | "
+            f"{row['queries_used']} ({row['queries_left_out']}) |"
+        )
+    return "\n".join(lines)
+
+
+def draw(path: str | Path, rows: list[dict], masks, margins, scores: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [row["scores"] if row["damping"] in (None, damping_name(DEFAULT_DAMPING)) else
+              f"{row['scores']}\n{row['damping']}" for row in rows]  # fmt: skip
+    means = np.array([row["mean"] for row in rows])
+    errors = np.array([[row["mean"] - row["interval_95"][0], row["interval_95"][1] - row["mean"]] for row in rows]).T
+    colors = ["tab:blue" if row["damping"] is not None else "tab:gray" for row in rows]
+    left.bar(range(len(rows)), means, yerr=errors, color=colors, capsize=4)
+    left.set_xticks(range(len(rows)), labels, fontsize=8)
+    left.axhline(0, color="black", linewidth=0.8)
+    left.set_ylabel("LDS (mean over queries, 95% bootstrap interval)")
+    left.set_title(f"M={masks.shape[0]} subsets of {int(masks[0].sum())}, K={margins.shape[1]}, Q={margins.shape[2]}")
+
+    best = max((row for row in rows if row["damping"] is not None), key=lambda row: row["mean"])
+    per_query = np.array([np.nan if v is None else v for v in best["per_query"]])
+    finite = np.flatnonzero(np.isfinite(per_query))
+    query = int(finite[np.argsort(per_query[finite])[len(finite) // 2]]) if len(finite) else 0  # the median query
+    predicted = lds.predicted_margins(scores[(best["scores"], best["damping"])], masks)[:, query].numpy()
+    measured = margins[:, :, query].double().mean(dim=1).numpy()
+    right.scatter(predicted, measured, s=14)
+    right.set_xlabel(f"predicted effect: sum of {best['scores']} scores over the subset")
+    right.set_ylabel("measured margin (mean over seeds)")
+    right.set_title(f"test image {query}: LDS {per_query[query]:.2f} (the median query of {best['scores']})")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main() -> None:
+    args = parse_args()
+    keep_freed_memory()
+    device = start_processes(args.dist_timeout)
+    if dist.is_initialized() and device.type == "cpu":
+        torch.set_num_threads(1)  # every process trains whole models: one thread each
+    out = Path(args.output_dir)
+    train = get_cifar10(args.dataset_dir, "train", num_train=args.num_train, device=device)
+    train_eval = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
+    queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
+    if lds.subset_size(len(train), args.alpha) < 1:
+        raise PipelineError(f"--alpha {args.alpha} of {len(train)} images leaves the subsets empty")
+    settings = settings_of(args, len(train), len(queries))
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        masks_for(out, settings, args.seed)
+    if dist.is_initialized():
+        dist.barrier()
+    masks, _ = load(out / "masks.safetensors", "masks")
+
+    began = time.monotonic()
+    retrain(args, out, train, masks, queries, device)
+    units = [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
+    margins = torch.stack([load(margins_file(out, unit), "margins")[0] for unit in units])
+    margins = margins.view(args.num_subsets, args.seeds_per_subset, len(queries))
+    seconds = [load(margins_file(out, unit), "margins")[1].get("seconds", float("nan")) for unit in units]
+    accuracy = float((margins > 0).float().mean())
+    if is_main():
+        save(out / "margins.safetensors", {"margins": margins}, {"settings": settings})
+        print(f"retrained models: query accuracy {accuracy:.3f}, {np.mean(seconds):.1f} s per model", flush=True)
+
+    scores = compute_scores(args, out, train_eval, queries, device)
+    if not is_main():
+        return
+    full = query_margins(load_model(unit_path(out, None), device), queries, args.eval_batch_size)
+    rows = evaluate(args, masks, margins, scores)
+    text = table(rows)
+    print(text)
+    summary = {
+        **settings,
+        "seed": args.seed,
+        "results": rows,
+        "query_accuracy": {"full_model": float((full > 0).float().mean()), "retrained_models": accuracy},
+        "seconds_per_retrained_model": float(np.mean(seconds)),
+        "seconds_this_run": time.monotonic() - began,
+    }
+    write_atomically(out / "lds.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=1) + "\n"))
+    write_atomically(out / "lds.md", lambda tmp: tmp.write_text(text + "\n"))
+    figure = args.figure or out / "lds.png"
+    draw(figure, rows, masks, margins, scores)
+    print(f"saved {out / 'lds.json'}, {out / 'lds.md'} and {figure}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

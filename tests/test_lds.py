@@ -1,0 +1,165 @@
+"""The linear datamodeling score: its math against cases worked by hand, and evaluate_lds.py at tiny scale on the
+synthetic CIFAR-10 (files, a killed run resumed, two processes against one)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lds
+from pipeline import ClassificationTask, construct_resnet9, get_cifar10
+from tests.test_preemption import assert_stopped, signal_at
+from tests.test_scripts import run, torchrun
+
+M, K, N, Q = 4, 2, 32, 4
+
+
+# ---- The math ----
+
+
+def test_lds_of_a_case_worked_by_hand():
+    # Scores of 3 training examples for one query; 4 subsets. Predictions: 1+2=3, 2+4=6, 1+4=5, 1.
+    scores = torch.tensor([[1.0, 2.0, 4.0]])
+    masks = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 0, 0]], dtype=torch.bool)
+    predicted = lds.predicted_margins(scores, masks)
+    assert predicted[:, 0].tolist() == [3.0, 6.0, 5.0, 1.0]
+    # Two seeds, mean margins 0.1, 0.4, 0.3, 0.2: ranks 1 4 3 2 against 2 4 3 1, sum d^2 = 2, 1 - 6*2/(4*15) = 0.8.
+    margins = torch.tensor([[0.0, 0.2], [0.4, 0.4], [0.5, 0.1], [0.3, 0.1]]).view(4, 2, 1)
+    assert lds.lds_per_query(predicted, margins) == pytest.approx([0.8])
+    # Ties take average ranks (scipy's spearmanr agrees); a constant query is NaN, left out of the mean and counted.
+    x, y = np.array([[1.0, 1.0], [2.0, 1.0], [2.0, 1.0], [3.0, 1.0]]), np.array([[1.0, 2], [3, 1], [2, 3], [4, 4]])
+    found = lds.spearman(x, y)
+    assert found[0] == pytest.approx(0.9486832980505138) and math.isnan(found[1])
+    summary = lds.summarize(np.array([0.8, np.nan, 0.4]))
+    assert summary["mean"] == pytest.approx(0.6) and summary["queries_left_out"] == 1
+    assert summary["per_query"] == [0.8, None, 0.4]
+    low, high = summary["interval_95"]
+    assert 0.4 <= low <= 0.6 <= high <= 0.8
+
+
+def test_masks_hold_exactly_alpha_n_examples_drawn_from_the_seed():
+    masks = lds.draw_masks(10, 7, 0.5, seed=3)
+    assert masks.dtype == torch.bool and masks.shape == (10, 7)
+    assert (masks.sum(dim=1) == 4).all()  # round(3.5) = 4
+    assert torch.equal(masks, lds.draw_masks(10, 7, 0.5, seed=3))
+    assert not torch.equal(masks, lds.draw_masks(10, 7, 0.5, seed=4))
+
+
+def test_scores_exactly_linear_in_the_subset_give_1_and_random_scores_about_0():
+    generator = torch.Generator().manual_seed(0)
+    masks = lds.draw_masks(200, 100, 0.5, seed=0)
+    scores = torch.randn(50, 100, generator=generator, dtype=torch.float64)
+    # Each seed's margin is the linear model plus a constant of its own: the mean over seeds is exactly linear.
+    margins = (masks.double() @ scores.T)[:, None, :] + torch.tensor([0.0, 5.0]).view(1, 2, 1)
+    exact = lds.summarize(lds.lds_per_query(lds.predicted_margins(scores, masks), margins))
+    assert exact["mean"] == pytest.approx(1.0) and exact["interval_95"] == pytest.approx([1.0, 1.0])
+    random = lds.summarize(lds.lds_per_query(lds.predicted_margins(lds.random_scores(50, 100, 1), masks), margins))
+    assert abs(random["mean"]) < 0.03 and random["interval_95"][0] < 0 < random["interval_95"][1]
+    assert lds.seed_agreement(margins) == pytest.approx(np.ones(50))
+
+
+def test_the_margins_are_the_measurement_analyze_scores(fake_cifar_dir):
+    from evaluate_lds import query_margins
+
+    torch.manual_seed(0)
+    model = construct_resnet9().eval()
+    queries = get_cifar10(fake_cifar_dir, "valid", device="cpu").subset(6)
+    margins = query_margins(model, queries, batch_size=4)
+    x, y = queries.images, queries.labels
+    from pipeline import normalize
+
+    with torch.no_grad():
+        for i in range(6):
+            measurement = ClassificationTask().compute_measurement((normalize(x[i : i + 1]), y[i : i + 1]), model)
+            assert margins[i].item() == pytest.approx(-measurement.item(), abs=1e-5)
+
+
+# ---- evaluate_lds.py, tiny ----
+
+
+def lds_args(data: Path, out: Path, *strategies: str) -> list[str]:
+    return [
+        "--dataset_dir", str(data), "--output_dir", str(out), "--num_train", str(N), "--num_queries", str(Q),
+        "--num_subsets", str(M), "--seeds_per_subset", str(K), "--train_batch_size", "16", "--num_train_epochs",
+        "2", "--strategies", *strategies, "--save_interval", "1000",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(fake_cifar_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("lds") / "reference"
+    result = run(
+        "evaluate_lds.py", *lds_args(fake_cifar_dir, out, "identity", "diagonal"), "--damping", "0", "heuristic"
+    )
+    return {"out": out, "stdout": result.stdout, "data": fake_cifar_dir}
+
+
+def test_evaluate_lds_writes_files_readable_on_their_own(reference):
+    out = reference["out"]
+    masks = load_file(out / "masks.safetensors")["masks"]
+    margins = load_file(out / "margins.safetensors")["margins"]
+    assert masks.dtype == torch.bool and masks.shape == (M, N) and (masks.sum(dim=1) == N // 2).all()
+    assert margins.dtype == torch.float32 and margins.shape == (M, K, Q) and torch.isfinite(margins).all()
+    assert f"models: 0 of {M * K + 1} done, {M * K + 1} to train" in reference["stdout"]
+    summary = json.loads((out / "lds.json").read_text())
+    assert (summary["num_train"], summary["num_queries"], summary["num_subsets"]) == (N, Q, M)
+    assert summary["recipe"]["num_train_epochs"] == 2 and summary["seconds_per_retrained_model"] > 0
+    rows = {(row["scores"], row["damping"]): row for row in summary["results"]}
+    assert set(rows) == {
+        ("identity", "0"), ("identity", "heuristic"), ("diagonal", "0"), ("diagonal", "heuristic"),
+        ("random", None), ("seed agreement", None),
+    }  # fmt: skip
+    for row in rows.values():
+        assert len(row["per_query"]) == Q and row["queries_used"] + row["queries_left_out"] == Q
+        if row["queries_used"]:
+            assert -1 <= row["interval_95"][0] <= row["mean"] <= row["interval_95"][1] <= 1
+    # The LDS of saved scores, recomputed from the files alone.
+    scores = load_file(out / "influence_results" / "lds" / "scores_diagonal_damping_0" / "pairwise_scores.safetensors")
+    per_query = lds.lds_per_query(lds.predicted_margins(scores["all_modules"], masks), margins)
+    assert lds.summarize(per_query)["per_query"] == rows[("diagonal", "0")]["per_query"]
+    assert "| diagonal | heuristic |" in (out / "lds.md").read_text() and (out / "lds.png").stat().st_size > 10_000
+    assert not list(out.rglob("*.partial.safetensors"))  # the models themselves are not kept, nor their states
+
+
+def test_a_killed_run_resumes_without_retraining_finished_models(reference, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    args = lds_args(reference["data"], out, "identity")
+    # Batches counted: the full model 2 epochs x 2, then per model 2 training steps and 1 of margins; batch 8 is
+    # the first step of model (0, 1).
+    with signal_at(monkeypatch, 8):
+        stopped = run("evaluate_lds.py", *args, expect=143)
+    state = out / "units" / "margins_0000_01.partial.safetensors"
+    assert_stopped(stopped, f"the training state at epoch 1/2, step 1/1 to {state} in ")
+    assert torch.equal(
+        load_file(out / "masks.safetensors")["masks"], load_file(reference["out"] / "masks.safetensors")["masks"]
+    )
+    resumed = run("evaluate_lds.py", *args)
+    assert f"models: 2 of {M * K + 1} done, {M * K - 1} to train" in resumed.stdout
+    assert "resuming from margins_0000_01.partial.safetensors at epoch 1/2, step 1/1" in resumed.stdout
+    found, expected = (load_file(path / "margins.safetensors")["margins"] for path in (out, reference["out"]))
+    assert torch.equal(found, expected)
+    # Another run's settings in the same folder: one line, nothing touched.
+    refused = run("evaluate_lds.py", *args, "--alpha", "0.25", expect=2)
+    assert (
+        refused.stderr == f"error: {out} holds retrainings with alpha=0.5, now alpha=0.25: choose another "
+        "--output_dir, or delete it to start over\n"
+    )
+
+
+def test_two_processes_give_the_margins_of_one(reference, tmp_path):
+    out = tmp_path / "two"
+    result = torchrun("evaluate_lds.py", *lds_args(reference["data"], out, "identity"))
+    assert result.stdout.count("| identity |") == 1  # rank 0 alone reports
+    for name, key in (("masks", "masks"), ("margins", "margins")):
+        found = load_file(out / f"{name}.safetensors")[key]
+        expected = load_file(reference["out"] / f"{name}.safetensors")[key]
+        assert torch.allclose(found.float(), expected.float(), atol=1e-5), (
+            name,
+            (found.float() - expected.float()).abs().max(),
+        )
