@@ -15,9 +15,11 @@ Scales:
         their most influential training images, and mislabel detection with its figure.
   cpu:  a model that fits its labels on a subset a 2-core CPU trains in minutes, every strategy for mislabel
         detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on CPUs
-        without bf16 units), the benchmark, and the same jobs split over 2 processes.
+        without bf16 units), the benchmark, the same jobs split over 2 processes, and the LDS of every strategy
+        against 64 retrainings (about 75 minutes more).
   gpu:  the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32
-        and bf16, self-influence of all 50,000, every strategy, and the full-size benchmark.
+        and bf16, self-influence of all 50,000, every strategy, the full-size benchmark, and the LDS against 200
+        retrainings on halves of the 50,000 (hours: docs/lds.md).
 The CIFAR-10N steps (training and detection on human label mistakes) run when --noisy_labels names the
 release's CIFAR-10_human.pt (https://github.com/UCSC-REAL/cifar-10-100n, folder data/) or an .npz with an
 aggre_label array; without it they are skipped with a line saying so.
@@ -60,6 +62,9 @@ SCALES = {
         # 4 batches, so that 2 processes get 2 each
         "scaling": ["--num_train", "512", "--train_batch_size", "128"],
         "scaling_queries": ["--num_queries", "32", "--query_batch_size", "32"],
+        # LDS (docs/lds.md says why): 32 halves of 500 images, 2 seeds each, 20 epochs in batches of 32, 100 queries
+        "lds": ["--num_train", "500", "--num_queries", "100", "--num_subsets", "32", "--seeds_per_subset", "2"]
+        + ["--train_batch_size", "32", "--num_train_epochs", "20"],
     },
     "gpu": {
         "train": ["--use_channels_last"],
@@ -70,6 +75,8 @@ SCALES = {
         "bench_bf16": FULL_BENCH,
         "scaling": None,  # one GPU here; several are run with torchrun the same way
         "scaling_queries": None,
+        # LDS at full size: 100 halves of the 50,000 images, 2 seeds each, the original recipe, 2,000 queries
+        "lds": ["--num_subsets", "100", "--seeds_per_subset", "2", "--num_queries", "2000", "--use_channels_last"],
     },
 }
 CIFAR10N_HINT = "download CIFAR-10_human.pt from https://github.com/UCSC-REAL/cifar-10-100n (folder data/)"
@@ -170,6 +177,11 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
                 if script == "detect_mislabeled_dataset.py":
                     profile += ["--figure", f"./influence_results/{args.scale}_scaling_{processes}/mislabel.png"]
                 found.append((f"scaling_{name}_{processes}proc", [*launcher, script, *extra, *profile], one_thread))
+    # Do the scores predict retraining? On the CPU two one-thread processes share the retrainings.
+    lds = [*dataset, "--output_dir", f"./lds_results/{args.scale}", *scale["lds"], "--damping", "1e-8", "heuristic"]
+    lds += ["--figure", f"{figures}/lds.png", "--profile"]
+    launcher, env = (torchrun, one_thread) if args.scale == "cpu" else (py, {})
+    found.append(("lds", [*launcher, "evaluate_lds.py", *lds], env))
     return found
 
 
