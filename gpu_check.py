@@ -1,4 +1,4 @@
-"""Check a GPU machine end to end in one command (under 10 minutes): what the first session with a GPU runs.
+"""Check a GPU machine end to end in one command (under 10 minutes), before the full job.
 
     python gpu_check.py                      # then: python walkthrough.py --scale gpu
     python gpu_check.py --dry_run --gpus 2   # the steps, without running them (any machine)
