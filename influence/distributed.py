@@ -116,10 +116,9 @@ def balanced_owners(costs: list[float], world: int) -> list[int]:
 class Group:
     """This process's view of the job: rank, world size, and the few collectives the engine needs."""
 
-    def __init__(self, device: torch.device, single: bool = False) -> None:
-        """single: a view of this process alone, for work every rank does whole."""
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        distributed = active() and not single
+        distributed = active()
         self.world = dist.get_world_size() if distributed else 1
         self.rank = dist.get_rank() if distributed else 0
         self.is_main = self.rank == 0
@@ -131,10 +130,6 @@ class Group:
             self._control = control_group()  # every rank builds its Group at the same point
             self._comm_device, self._on_gpu_group = route(dist.get_backend(), device)
             self._data = dist.group.WORLD if self._on_gpu_group else self._control
-
-    def owner(self, batch: int, first: int) -> int:
-        """The rank that runs batch number `batch` of a pass whose first `first` batches are already done."""
-        return (batch - first) % self.world
 
     # ------------------------------------------------------------------ collectives
 

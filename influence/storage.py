@@ -220,3 +220,115 @@ def load_partial(path: Path, device: torch.device | str) -> tuple[dict[str, torc
     if metadata.get("partial") is not True or not isinstance(metadata.get("progress"), dict):
         return "it is not a partial result"
     return tensors, metadata["progress"]
+
+
+# ---- The results of one analysis, for every rank ----
+
+FACTOR_ARGUMENTS = "factor_arguments.json"
+SCORE_ARGUMENTS = "score_arguments.json"
+PAIRWISE_SCORES = "pairwise_scores.safetensors"
+SELF_SCORES = "self_scores.safetensors"
+
+
+class Store:
+    """The result files under one analysis folder, for every rank of the job (see distributed.Group).
+
+    Rank 0 alone touches the disk; what it read, and any error it met, reaches every rank, so callers never ask
+    which rank they are. Layout: factors_<name>/<kind>.safetensors and scores_<name>/<file>, each folder with
+    the arguments its results were made with (JSON), and a pass's partial result beside the file it ends in.
+    """
+
+    def __init__(self, folder: Path, group: Any, log: Callable[[str], None]) -> None:
+        self.folder, self.group, self.log = Path(folder), group, log
+
+    def factors(self, name: str) -> Path:
+        return self.folder / f"factors_{name}"
+
+    def scores(self, name: str, filename: str = "") -> Path:
+        """The folder of scores `name`, or its file `filename` (PAIRWISE_SCORES, SELF_SCORES, SCORE_ARGUMENTS)."""
+        return self.folder / f"scores_{name}" / filename
+
+    def exists(self, *paths: Path) -> bool:
+        return self.group.on_main(lambda: all(path.exists() for path in paths))
+
+    def prepare(self, folder: Path, filename: str, arguments: dict[str, Any], what: str, overwrite: bool) -> None:
+        """Clear the folder (overwrite), then record the arguments or refuse results made with others."""
+
+        def prepare() -> None:
+            if overwrite:
+                clear_folder(folder)
+            check_arguments(folder, filename, arguments, what)
+
+        self.group.on_main(prepare)
+
+    def load(self, path: Path, device: torch.device | str, missing: str | None = None) -> dict[str, torch.Tensor]:
+        """The file's tensors on every rank; `missing`: the error if there is no such file."""
+
+        def read() -> dict[str, torch.Tensor]:
+            if missing is not None and not path.exists():
+                raise InfluenceError(missing)
+            return load_tensors(path, device)
+
+        return self.group.on_main(read, device=device)
+
+    def read_json(self, path: Path, missing: str) -> Any:
+        def read() -> Any:
+            if not path.exists():
+                raise InfluenceError(missing)
+            return read_json(path)
+
+        return self.group.on_main(read)
+
+    def metadata(self, *paths: Path) -> dict[str, Any]:
+        """The metadata of those of `paths` that exist, merged."""
+
+        def read() -> dict[str, Any]:
+            merged: dict[str, Any] = {}
+            for path in paths:
+                if path.exists():
+                    merged.update(load_metadata(path))
+            return merged
+
+        return self.group.on_main(read)
+
+    def save(self, files: list[tuple[Path, dict[str, torch.Tensor], dict[str, Any] | None]], done: Path | None = None):
+        """Write (path, tensors, metadata) files, then remove the partial result of `done`, now complete."""
+
+        def write() -> None:
+            for path, tensors, metadata in files:
+                save_tensors(path, tensors, metadata)
+            if done is not None:
+                partial_path(done).unlink(missing_ok=True)
+
+        self.group.on_main(write)
+
+    def save_partial(self, path: Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> None:
+        """Rank 0 writes; the others hold no share of it any more (see Group.sum_to_main)."""
+        if self.group.is_main:
+            save_partial(path, tensors, progress)
+
+    def resume(
+        self, partial: Path, desc: str, use: Callable[..., dict[str, Any]], saved: tuple | None | str = "read"
+    ) -> dict[str, Any] | None:
+        """The progress of a saved partial result, once rank 0 has handed it to use(tensors, progress).
+
+        One policy for a partial result that cannot be used (unreadable, or `use` raises KeyError, ValueError or
+        RuntimeError because it was made for another model): say so and start over; the next save replaces it.
+        `saved`: (tensors, progress) already read by rank 0 (a pass saved inside another's file), or "read".
+        """
+
+        def read() -> dict[str, Any] | None:
+            loaded = saved
+            if saved == "read":
+                loaded = load_partial(partial, "cpu") if partial.exists() else None
+            if loaded is None or isinstance(loaded, str):
+                return loaded and self._discard(partial, desc, loaded)
+            try:
+                return use(*loaded)
+            except (KeyError, ValueError, RuntimeError):
+                return self._discard(partial, desc, "made for another model")
+
+        return self.group.on_main(read)
+
+    def _discard(self, partial: Path, desc: str, reason: str) -> None:
+        self.log(f"{desc}: discarding {partial} ({reason}); starting the pass over")
