@@ -18,28 +18,15 @@ A killed run resumes where it stopped when started again with the same arguments
 
 from __future__ import annotations
 
-from cli import (
-    ArgumentParser,
-    add_influence_flags,
-    check_sizes,
-    file_fingerprint,
-    influence_arguments,
-    is_main,
-    keep_freed_memory,
-    make_analyzer,
-    results_name,
-    run_cli,
-    start_processes,
-    train_batch_size,
-    train_command,
-)
+import cli
+from cli import ArgumentParser, is_main, results_name, run_cli
 from pipeline import TensorBatches, checkpoint_path, get_cifar10, load_model
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/")
-    parser.add_argument("--checkpoint_dir", default="./checkpoints", help="folder holding model.safetensors")
+    cli.add_data_flags(parser, num_train=True)
+    cli.add_checkpoint_flags(parser)
     parser.add_argument(
         "--query_batch_size",
         type=int,
@@ -47,27 +34,24 @@ def parse_args(argv=None):
         help="queries preconditioned and held at once; each needs one pass over the training set",
     )
     parser.add_argument("--num_queries", type=int, default=2000, help="score the first Q test images (default 2000)")
-    add_influence_flags(parser)
+    cli.add_influence_flags(parser)
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    check_sizes(args, "query_batch_size", "train_batch_size", "num_queries")
-    keep_freed_memory()
-    device = start_processes(args.dist_timeout)
-    args.train_batch_size = train_batch_size(args, device)
+    device = cli.start_influence_run(args, "query_batch_size", "train_batch_size", "num_queries")
     checkpoint = checkpoint_path(args.checkpoint_dir)
-    model = load_model(checkpoint, device, train_command(args))
+    model = load_model(checkpoint, device, cli.train_command(args))
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
     queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
 
-    data_info = {"checkpoint_sha256": file_fingerprint(checkpoint), "num_train": len(train)}
-    factor_args, score_args = influence_arguments(args, data_info)
+    data_info = {"checkpoint_sha256": cli.file_fingerprint(checkpoint), "num_train": len(train)}
+    factor_args, score_args = cli.influence_arguments(args, data_info)
     score_args.info = {**data_info, "num_queries": len(queries)}
     name = results_name(args.factor_strategy, args.use_half_precision)
 
-    analyzer = make_analyzer("cifar10", model, args)
+    analyzer = cli.make_analyzer("cifar10", model, args)
     train_batches = TensorBatches(train, args.train_batch_size)
     analyzer.fit_all_factors(name, train_batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     scores = analyzer.compute_pairwise_scores(

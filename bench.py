@@ -38,14 +38,13 @@ import torch.distributed as dist
 from cli import (
     ArgumentParser,
     add_process_flags,
-    influence_arguments,
     is_main,
     keep_freed_memory,
     run_cli,
     start_processes,
     train_batch_size,
 )
-from influence import STRATEGIES, Analyzer, flops
+from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments, flops
 from influence.distributed import control_group
 from influence.profiler import synchronize
 from pipeline import (
@@ -232,8 +231,9 @@ def main() -> None:
     else:
         train, queries = random_data(args.num_train, device, 0), random_data(args.num_queries, device, 1)
 
-    args.use_empirical_fisher, args.damping_factor, args.seed = False, None, 0
-    factor_args, score_args = influence_arguments(args, {})
+    half = args.use_half_precision
+    factor_args = FactorArguments(strategy=args.factor_strategy, use_half_precision=half)
+    score_args = ScoreArguments(damping_factor=None, use_half_precision=half)
     with tempfile.TemporaryDirectory() as output_dir:
         analyzer = Analyzer(
             "bench",

@@ -3,6 +3,11 @@
 Not run directly; imported by train.py, analyze.py and the other scripts:
 
     from cli import ArgumentParser, run_cli, start_processes
+
+Flags are declared once, in groups each script adds in one line: add_data_flags (--dataset_dir),
+add_checkpoint_flags, add_label_flags (--corrupt_percentage, --noisy_labels...), add_results_flags (where results
+are and which), add_influence_flags (what analyze.py and detect_mislabeled_dataset.py compute with),
+add_process_flags (torchrun). Figures: subplots() then save_figure(). Results on disk: results_store().
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch.distributed as dist
 from influence import STRATEGIES, Analyzer, FactorArguments, InfluenceError, ScoreArguments
 from influence import distributed as influence_distributed
 from influence import interrupt as influence_interrupt
-from influence.storage import write_atomically
+from influence.distributed import Group
+from influence.storage import Store, write_atomically
 from pipeline import ClassificationTask, PipelineError, get_device
 
 # ---- Errors and arguments ----
@@ -199,13 +205,59 @@ def keep_freed_memory() -> None:
 FP32_POLICY = "fp32, with torch's default on a GPU: convolutions in TF32 (cuDNN), matrix products in fp32"
 
 
-def add_influence_flags(parser: argparse.ArgumentParser) -> None:
+# ---- Flag groups: each script adds the ones it needs in one line ----
+
+
+def add_data_flags(parser: argparse.ArgumentParser, num_train: bool = False) -> None:
+    """--dataset_dir, and --num_train for the scripts that train on, or score, the training set."""
+    parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/ (default ./data)")
+    if num_train:
+        parser.add_argument(
+            "--num_train", type=int, default=None, help="use the first N training examples (default: all 50,000)"
+        )
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint_dir",
+        default="./checkpoints",
+        help="folder of the trained checkpoints, created by train.py if missing (default ./checkpoints)",
+    )
+
+
+def add_label_flags(parser: argparse.ArgumentParser, corrupt_percentage: float | None = None) -> None:
+    """The training labels a checkpoint was trained on, which also pick its file in --checkpoint_dir."""
+    parser.add_argument(
+        "--corrupt_percentage",
+        type=float,
+        default=corrupt_percentage,
+        help="fraction p of training labels corrupted: train.py gives the first ceil(p*N) examples a wrong label "
+        f"and saves model_corrupt_{{p}}.safetensors (default {corrupt_percentage})",
+    )
+    parser.add_argument(
+        "--noisy_labels",
+        default=None,
+        help="file of given training labels (.npz, or CIFAR-10N's CIFAR-10_human.pt); replaces "
+        "--corrupt_percentage; train.py saves model_noisy_{key}.safetensors",
+    )
+    parser.add_argument(
+        "--noisy_labels_key", default="aggre_label", help="array to use in --noisy_labels (default: aggre_label)"
+    )
+
+
+def add_results_flags(parser: argparse.ArgumentParser) -> None:
+    """Where factors and scores are, and which: the flags of the scripts that compute them and of those that read."""
+    parser.add_argument("--output_dir", default="./influence_results", help="where factors and scores are saved")
     parser.add_argument(
         "--factor_strategy",
         default="ekfac",
         choices=STRATEGIES,
         help="curvature used to precondition gradients (default: ekfac)",
     )
+
+
+def add_influence_flags(parser: argparse.ArgumentParser) -> None:
+    add_results_flags(parser)
     parser.add_argument(
         "--use_half_precision",
         action="store_true",
@@ -214,16 +266,12 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
     parser.add_argument(
-        "--num_train", type=int, default=None, help="use the first N training examples (default: all 50,000)"
-    )
-    parser.add_argument(
         "--train_batch_size",
         type=int,
         default=None,
         help="training examples per forward/backward in the influence passes (default: 512 on a GPU, 128 on the "
         "CPU, where larger batches were slower and used more memory)",
     )
-    parser.add_argument("--output_dir", default="./influence_results", help="where factors and scores are saved")
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="recompute factors and scores even if saved ones exist"
     )
@@ -258,6 +306,16 @@ def parse_damping(text: str) -> float | None:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"damping must be >= 0, got {text}")
     return value
+
+
+def start_influence_run(args: argparse.Namespace, *sizes: str) -> torch.device:
+    """What analyze.py and detect_mislabeled_dataset.py do first: check the `sizes` flags, keep freed memory, join
+    the other processes; returns the device, with --train_batch_size set for it."""
+    check_sizes(args, *sizes)
+    keep_freed_memory()
+    device = start_processes(args.dist_timeout)
+    args.train_batch_size = train_batch_size(args, device)
+    return device
 
 
 def check_sizes(args: argparse.Namespace, *names: str) -> None:
@@ -326,6 +384,21 @@ def influence_arguments(args: argparse.Namespace, info: dict) -> tuple[FactorArg
 
 
 # ---- Figures ----
+
+
+def subplots(*args, **kwargs):
+    """matplotlib's (figure, axes), drawn off-screen (no display needed); save with save_figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def results_store(output_dir: str | Path, analysis_name: str) -> Store:
+    """The results of an analysis for a script that reads them (one process)."""
+    return Store(Path(output_dir) / analysis_name, Group(torch.device("cpu")), print)
 
 
 def save_figure(fig, path: str | Path) -> None:

@@ -30,22 +30,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from cli import (
-    ArgumentParser,
-    add_influence_flags,
-    check_sizes,
-    file_fingerprint,
-    influence_arguments,
-    is_main,
-    keep_freed_memory,
-    make_analyzer,
-    results_name,
-    run_cli,
-    save_figure,
-    start_processes,
-    train_batch_size,
-    train_command,
-)
+import cli
+from cli import ArgumentParser, is_main, results_name, run_cli, save_figure, subplots
 from influence import STRATEGIES
 from pipeline import (
     CLASSES,
@@ -61,20 +47,9 @@ INSPECTED = [i / 10 for i in range(1, 10)]
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/")
-    parser.add_argument("--checkpoint_dir", default="./checkpoints", help="folder holding the trained checkpoints")
-    parser.add_argument(
-        "--corrupt_percentage",
-        type=float,
-        default=0.1,
-        help="fraction of labels corrupted, as given to train.py (default 0.1)",
-    )
-    parser.add_argument(
-        "--noisy_labels",
-        default=None,
-        help=".npz of given training labels (e.g. CIFAR-10N); replaces --corrupt_percentage",
-    )
-    parser.add_argument("--noisy_labels_key", default="aggre_label", help="array to use in --noisy_labels")
+    cli.add_data_flags(parser, num_train=True)
+    cli.add_checkpoint_flags(parser)
+    cli.add_label_flags(parser, corrupt_percentage=0.1)
     parser.add_argument(
         "--figure",
         default=None,
@@ -87,7 +62,7 @@ def parse_args(argv=None):
         help="where to draw the top-ranked images (default: the --figure name with _top)",
     )
     parser.add_argument("--top_k", type=int, default=16, help="top-ranked images to draw (default 16)")
-    add_influence_flags(parser)
+    cli.add_influence_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -121,12 +96,7 @@ def per_example_loss(model: torch.nn.Module, batches: TensorBatches) -> torch.Te
 
 
 def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = subplots(figsize=(5.5, 4.2))
     xs = [0.0, *INSPECTED, 1.0]
     for label, ys in curves.items():
         baseline = {"training loss": "black", "random": "gray"}.get(label)
@@ -144,14 +114,9 @@ def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Pa
 
 
 def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = min(8, len(images))
     rows = (len(images) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(1.45 * columns, 1.8 * rows + 0.4), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(1.45 * columns, 1.8 * rows + 0.4), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -176,14 +141,11 @@ def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: 
 
 def main() -> None:
     args = parse_args()
-    check_sizes(args, "train_batch_size", "top_k")
-    keep_freed_memory()
-    device = start_processes(args.dist_timeout)
-    args.train_batch_size = train_batch_size(args, device)
+    device = cli.start_influence_run(args, "train_batch_size", "top_k")
     noisy = args.noisy_labels is not None
     corrupt = None if noisy else args.corrupt_percentage
     checkpoint = checkpoint_path(args.checkpoint_dir, corrupt, args.noisy_labels_key if noisy else None)
-    model = load_model(checkpoint, device, train_command(args, corrupt))
+    model = load_model(checkpoint, device, cli.train_command(args, corrupt))
     train = get_cifar10(
         args.dataset_dir,
         "eval_train",
@@ -197,12 +159,12 @@ def main() -> None:
     if not mislabeled.any():
         raise PipelineError("no training label differs from the dataset's: nothing to detect")
     labels = f"noisy:{Path(args.noisy_labels).name}:{args.noisy_labels_key}" if noisy else f"corrupt:{corrupt}"
-    info = {"checkpoint_sha256": file_fingerprint(checkpoint), "num_train": len(train), "labels": labels}
-    factor_args, score_args = influence_arguments(args, info)
+    info = {"checkpoint_sha256": cli.file_fingerprint(checkpoint), "num_train": len(train), "labels": labels}
+    factor_args, score_args = cli.influence_arguments(args, info)
     prefix = f"noisy_{args.noisy_labels_key}_" if noisy else ""
     name = results_name(args.factor_strategy, args.use_half_precision, prefix)
 
-    analyzer = make_analyzer("mislabeled", model, args)
+    analyzer = cli.make_analyzer("mislabeled", model, args)
     batches = TensorBatches(train, args.train_batch_size)
     analyzer.fit_all_factors(name, batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     own = analyzer.compute_self_scores(name, name, batches, score_args, overwrite_output_dir=args.overwrite_output_dir)[

@@ -14,23 +14,21 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from cli import ArgumentParser, run_cli, save_figure
-from influence import STRATEGIES
-from influence.storage import load_tensors
+from cli import ArgumentParser, add_results_flags, results_store, run_cli, save_figure, subplots
+from influence.storage import PAIRWISE_SCORES, load_tensors
 from pipeline import PipelineError
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="./influence_results", help="where analyze.py saved its scores")
-    parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES)
+    add_results_flags(parser)
     parser.add_argument("--query_index", type=int, default=0, help="query whose scores are drawn")
     parser.add_argument("--figure", default="figure/half_precision.png", help="where to draw the scatter plot")
     return parser.parse_args(argv)
 
 
 def load_scores(output_dir: str, name: str) -> np.ndarray:
-    path = Path(output_dir) / "cifar10" / f"scores_{name}" / "pairwise_scores.safetensors"
+    path = results_store(output_dir, "cifar10").scores(name, PAIRWISE_SCORES)
     if not path.exists():
         half = " --use_half_precision" if name.endswith("_half") else ""
         strategy = name.removesuffix("_half")
@@ -48,12 +46,7 @@ def spearman_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    fig, ax = subplots(figsize=(4.6, 4.4))
     ax.scatter(full, half, s=4, alpha=0.5, edgecolors="none")
     low, high = min(full.min(), half.min()), max(full.max(), half.max())
     ax.plot([low, high], [low, high], color="gray", linewidth=0.8, linestyle="--", label="y = x")

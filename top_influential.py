@@ -13,17 +13,24 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, run_cli, save_figure
-from influence import STRATEGIES
-from influence.storage import load_tensors, read_json
+from cli import (
+    ArgumentParser,
+    add_data_flags,
+    add_results_flags,
+    results_name,
+    results_store,
+    run_cli,
+    save_figure,
+    subplots,
+)
+from influence.storage import PAIRWISE_SCORES, SCORE_ARGUMENTS, load_tensors, read_json
 from pipeline import CLASSES, PipelineError, get_cifar10
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/")
-    parser.add_argument("--output_dir", default="./influence_results", help="where analyze.py saved its scores")
-    parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES)
+    add_data_flags(parser)
+    add_results_flags(parser)
     parser.add_argument("--use_half_precision", action="store_true", help="read the bf16 scores")
     parser.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2, 3], help="query indices to show")
     parser.add_argument("--top_k", type=int, default=5, help="helpful and harmful images per query")
@@ -32,13 +39,8 @@ def parse_args(argv=None):
 
 
 def draw(rows: list[dict], path: Path, top_k: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = 1 + 2 * top_k
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.25 * columns, 1.55 * len(rows)), squeeze=False)
+    fig, axes = subplots(len(rows), columns, figsize=(1.25 * columns, 1.55 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         cells = [("query", row["query"], row["query_label"], None)]
         cells += [("helpful", img, lab, s) for img, lab, s in row["helpful"]]
@@ -67,13 +69,13 @@ def draw(rows: list[dict], path: Path, top_k: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    name = f"{args.factor_strategy}{'_half' if args.use_half_precision else ''}"
-    folder = Path(args.output_dir) / "cifar10" / f"scores_{name}"
-    if not (folder / "pairwise_scores.safetensors").exists():
+    store = results_store(args.output_dir, "cifar10")
+    name = results_name(args.factor_strategy, args.use_half_precision)
+    if not store.scores(name, PAIRWISE_SCORES).exists():
         hint = f"python analyze.py --factor_strategy {args.factor_strategy}"
-        raise PipelineError(f"no scores in {folder}: run {hint} first")
-    scores = load_tensors(folder / "pairwise_scores.safetensors")["all_modules"]
-    info = read_json(folder / "score_arguments.json")["info"]
+        raise PipelineError(f"no scores in {store.scores(name)}: run {hint} first")
+    scores = load_tensors(store.scores(name, PAIRWISE_SCORES))["all_modules"]
+    info = read_json(store.scores(name, SCORE_ARGUMENTS))["info"]
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=info["num_train"], device="cpu")
     queries = get_cifar10(args.dataset_dir, "valid", device="cpu").subset(info["num_queries"])
     bad = [q for q in args.queries if not 0 <= q < scores.shape[0]]

@@ -35,7 +35,17 @@ import time
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import ArgumentParser, add_process_flags, is_main, keep_freed_memory, run_cli, start_processes
+from cli import (
+    ArgumentParser,
+    add_checkpoint_flags,
+    add_data_flags,
+    add_label_flags,
+    add_process_flags,
+    is_main,
+    keep_freed_memory,
+    run_cli,
+    start_processes,
+)
 from influence.distributed import Group
 from pipeline import TensorBatches, checkpoint_path, evaluate, get_cifar10, save_model
 from recipe import add_recipe_flags, check_recipe_flags, train_model
@@ -46,30 +56,12 @@ from train_state import partial_path
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Train ResNet-9 on CIFAR-10.")
-    parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default: ./data)")
-    parser.add_argument("--checkpoint_dir", default="./checkpoints", help="created if missing (default: ./checkpoints)")
+    add_data_flags(parser, num_train=True)
+    add_checkpoint_flags(parser)
+    add_label_flags(parser)
     parser.add_argument("--eval_batch_size", type=int, default=1024)
     parser.add_argument(
-        "--num_train", type=int, default=None, help="train on the first N training examples (default: all 50,000)"
-    )
-    parser.add_argument(
         "--num_test", type=int, default=None, help="report test accuracy on the first N test images (default: all)"
-    )
-    parser.add_argument(
-        "--corrupt_percentage",
-        type=float,
-        default=None,
-        help="give the first ceil(p*N) examples a wrong label; saves model_corrupt_{p}.safetensors",
-    )
-    parser.add_argument(
-        "--noisy_labels",
-        default=None,
-        metavar="FILE.npz",
-        help="train on human labels from an .npz (e.g. CIFAR-10N's, with an aggre_label array); "
-        "saves model_noisy_{key}.safetensors",
-    )
-    parser.add_argument(
-        "--noisy_labels_key", default="aggre_label", help="key in --noisy_labels (default: aggre_label)"
     )
     add_recipe_flags(parser)  # the recipe (recipe.py), shared with evaluate_lds.py's retrainings
     add_process_flags(parser)
