@@ -110,6 +110,8 @@ def test_evaluate_lds_writes_files_readable_on_their_own(reference):
     summary = json.loads((out / "lds.json").read_text())
     assert (summary["num_train"], summary["num_queries"], summary["num_subsets"]) == (N, Q, M)
     assert summary["recipe"]["num_train_epochs"] == 2 and summary["seconds_per_retrained_model"] > 0
+    assert set(summary["query_accuracy"]) == {"full_model", "retrained_models"}
+    assert 0 <= summary["query_accuracy"]["retrained_models"] <= 1
     rows = {(row["scores"], row["damping"]): row for row in summary["results"]}
     assert set(rows) == {
         ("identity", "0"), ("identity", "heuristic"), ("diagonal", "0"), ("diagonal", "heuristic"),
@@ -130,9 +132,9 @@ def test_evaluate_lds_writes_files_readable_on_their_own(reference):
 def test_a_killed_run_resumes_without_retraining_finished_models(reference, tmp_path, monkeypatch):
     out = tmp_path / "killed"
     args = lds_args(reference["data"], out, "identity")
-    # Batches counted: the full model 2 epochs x 2, then per model 2 training steps and 1 of margins; batch 8 is
-    # the first step of model (0, 1).
-    with signal_at(monkeypatch, 8):
+    # Batches counted: the full model 2 epochs x 2, then per model 2 training steps, 1 of margins and 1 of
+    # accuracy; batch 9 is the first step of model (0, 1).
+    with signal_at(monkeypatch, 9):
         stopped = run("evaluate_lds.py", *args, expect=143)
     state = out / "units" / "margins_0000_01.partial.safetensors"
     assert_stopped(stopped, f"the training state at epoch 1/2, step 1/1 to {state} in ")
