@@ -52,6 +52,7 @@ from cli import (
     run_cli,
     save_figure,
     start_processes,
+    subplots,
 )
 from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments
 from influence.storage import safetensors_size, write_atomically
@@ -321,12 +322,7 @@ def table(rows: list[dict]) -> str:
 
 
 def draw(path: str | Path, rows: list[dict], masks, margins, scores: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = subplots(1, 2, figsize=(12, 4.5))
     labels = [row["scores"] if row["damping"] in (None, damping_name(DEFAULT_DAMPING)) else
               f"{row['scores']}\n{row['damping']}" for row in rows]  # fmt: skip
     means = np.array([row["mean"] for row in rows])
