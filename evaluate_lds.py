@@ -10,13 +10,13 @@ scores (about 0) and, with K >= 2, the agreement of two seeds' margins (what ret
 Tiny check (minutes on a CPU):
     python evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/tiny --num_train 64 --num_queries 8 \
         --num_subsets 6 --seeds_per_subset 2 --train_batch_size 32 --num_train_epochs 2
-CPU scale (docs/lds.md says why these sizes; about 75 minutes on 2 cores with two processes):
+CPU scale (docs/lds.md says why these sizes; about 70 minutes on 2 cores with two processes):
     torchrun --nproc_per_node=2 evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/cpu \
         --num_train 500 --num_queries 100 --num_subsets 30 --seeds_per_subset 2 \
         --train_batch_size 32 --num_train_epochs 20 --damping 1e-8 heuristic --profile
 GPU scale (the original recipe on 25,000-image halves of all 50,000, 100 subsets; one process per GPU):
     python evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/gpu --num_subsets 100 \
-        --seeds_per_subset 2 --use_channels_last --profile
+        --seeds_per_subset 2 --num_queries 2000 --use_channels_last --damping 1e-8 heuristic --profile
 
 Files in --output_dir, readable on their own: masks.safetensors ("masks", bool [M, N], the settings in its
 metadata), margins.safetensors ("margins", float32 [M, K, Q]), lds.json and lds.md (the table), lds.png (the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -64,7 +65,13 @@ DEFAULT_DAMPING = 1e-8  # analyze.py's
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    examples = __doc__.split("\n\n", 2)[2].split("\n\nFiles in")[0]  # the commands of the docstring, each
+    examples = re.sub(r"(?<=\S) {2,}", " ", examples)  # on one line (its continuation lines joined)
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=examples + "\n\nFiles, sizes and costs: docs/lds.md",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
     parser.add_argument("--output_dir", default="./lds_results", help="where every file goes (default ./lds_results)")
     sizes = parser.add_argument_group("retrainings")

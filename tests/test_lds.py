@@ -165,3 +165,15 @@ def test_two_processes_give_the_margins_of_one(reference, tmp_path):
             name,
             (found.float() - expected.float()).abs().max(),
         )
+
+
+def test_help_shows_the_commands_and_a_bad_flag_is_one_line():
+    shown = run("evaluate_lds.py", "--help").stdout
+    assert "torchrun --nproc_per_node=2 evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/cpu" in shown
+    for flag, value, message in (
+        ("--alpha", "1.5", "--alpha must be between 0 and 1, got 1.5"),
+        ("--num_subsets", "2", "--num_subsets must be at least 3 for a rank correlation, got 2"),
+        ("--damping", "-1", "argument --damping: damping must be >= 0, got -1"),
+    ):
+        refused = run("evaluate_lds.py", flag, value, expect=2)
+        assert refused.stderr == f"error: {message} (see --help)\n", refused.stderr
