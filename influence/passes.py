@@ -145,7 +145,7 @@ class Loop:
             run.block = None
             progress = {"batches": 0, "sizes": []}
         job.state.start_at(sum(progress["sizes"]))
-        if progress["batches"]:
+        if progress["batches"] or run.block is not None:  # rank 0; also when only the inner pass had saved
             batches, things = job.units
             self.store.log(
                 f"{job.desc}: resuming from {self._partial(job).name} after {progress['batches']} {batches} "
