@@ -11,9 +11,8 @@ import torch
 import pipeline
 from influence.storage import load_tensors, save_tensors
 from tests import engine_worker
-from tests.test_devices import run_script
 from tests.test_distributed import assert_same, launch
-from tests.test_scripts import torchrun
+from tests.test_scripts import run, torchrun
 
 pytestmark = pytest.mark.gpu  # python -m pytest -m gpu: these alone
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -49,7 +48,7 @@ def test_models_are_channels_last_and_factors_load_onto_the_gpu(tmp_path):
 
 @needs_gpu
 def test_bench_on_the_gpu_counts_convolutions_at_the_tf32_rate():
-    out, _ = run_script("bench.py", "--num_train", "64", "--num_queries", "8", "--factor_strategy", "diagonal")
+    out = run("bench.py", "--num_train", "64", "--num_queries", "8", "--factor_strategy", "diagonal").stdout
     assert "cuda" in out and "training batches of 512" in out
     assert "Matrix-multiply rate (8192^2, tf32)" in out and "GiB allocated" in out
 
