@@ -103,10 +103,8 @@ def start_processes(timeout: float, device: torch.device | str | None = None) ->
     `timeout` (seconds) bounds every wait for another rank, so a rank that hangs or dies stops the others.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return torch.device(device) if device is not None else get_device()
-    if dist.is_available() and dist.is_initialized():
-        return _device(device)
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        return get_device(device)
     if not dist.is_available():
         raise PipelineError("this torch build has no torch.distributed: run one process (python, not torchrun)")
     try:
@@ -114,7 +112,7 @@ def start_processes(timeout: float, device: torch.device | str | None = None) ->
     except KeyError as e:
         raise PipelineError(f"WORLD_SIZE is set but {e.args[0]} is not: start the processes with torchrun") from None
     wait = timedelta(seconds=timeout)
-    device = _device(device)
+    device = get_device(device)
     # torchrun's agent hosts the rendezvous store; processes started by hand (the tests) let rank 0 host it.
     hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     try:
@@ -128,32 +126,6 @@ def start_processes(timeout: float, device: torch.device | str | None = None) ->
         raise PipelineError(f"rank {rank} could not join the other processes at {host}:{port}: {first}") from None
     influence_distributed.remember_store(dist.PrefixStore("influence", store), wait)
     return device
-
-
-def _device(requested: torch.device | str | None = None) -> torch.device:
-    """This rank's device under torchrun: GPU LOCAL_RANK when there are GPUs (or `requested` is cuda), else the CPU."""
-    kind = torch.device(requested).type if requested is not None else get_device().type
-    if kind != "cuda":
-        return torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
-    device = torch.device("cuda", local_gpu(local_rank, local_world, torch.cuda.device_count()))
-    torch.cuda.set_device(device)
-    return device
-
-
-def local_gpu(local_rank: int, local_world: int, gpus: int) -> int:
-    """The GPU of a process: one each, since nccl refuses two ranks on one GPU (it would only fail later)."""
-    if gpus == 0:
-        raise PipelineError("a GPU was asked for but none is visible to this process (see CUDA_VISIBLE_DEVICES)")
-    processes = max(local_world, local_rank + 1)
-    if processes > gpus:
-        raise PipelineError(
-            f"{processes} processes on this machine but {gpus} GPU{'s' if gpus > 1 else ''}: nccl needs one GPU "
-            f"per process: run torchrun --nproc_per_node={gpus} (or hide the GPUs, CUDA_VISIBLE_DEVICES=, for CPU "
-            "processes)"
-        )
-    return local_rank
 
 
 def end_processes(success: bool) -> bool:

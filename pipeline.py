@@ -8,6 +8,7 @@ Not run directly; imported by train.py, analyze.py and the other scripts:
 from __future__ import annotations
 
 import math
+import os
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,8 +38,33 @@ class PipelineError(Exception):
     """A problem the user can fix (missing data, bad flag, missing checkpoint); printed as one line by run_cli."""
 
 
-def get_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def get_device(requested: torch.device | str | None = None) -> torch.device:
+    """This process's device, the one place it is chosen: `requested` ("cpu" or "cuda"), else a GPU when torch
+    sees one, else the CPU. Under torchrun (LOCAL_RANK set) a GPU process gets GPU LOCAL_RANK, made current."""
+    kind = torch.device(requested).type if requested is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    if kind != "cuda":
+        return torch.device("cpu")
+    if "LOCAL_RANK" not in os.environ:
+        return torch.device(requested if requested is not None else "cuda")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    device = torch.device("cuda", local_gpu(local_rank, local_world, torch.cuda.device_count()))
+    torch.cuda.set_device(device)
+    return device
+
+
+def local_gpu(local_rank: int, local_world: int, gpus: int) -> int:
+    """The GPU of a process: one each, since nccl refuses two ranks on one GPU (it would only fail later)."""
+    if gpus == 0:
+        raise PipelineError("a GPU was asked for but none is visible to this process (see CUDA_VISIBLE_DEVICES)")
+    processes = max(local_world, local_rank + 1)
+    if processes > gpus:
+        raise PipelineError(
+            f"{processes} processes on this machine but {gpus} GPU{'s' if gpus > 1 else ''}: nccl needs one GPU "
+            f"per process: run torchrun --nproc_per_node={gpus} (or hide the GPUs, CUDA_VISIBLE_DEVICES=, for CPU "
+            "processes)"
+        )
+    return local_rank
 
 
 # ---- Model ----
@@ -97,12 +123,19 @@ def construct_resnet9() -> nn.Module:
 # ---- Checkpoints ----
 
 
+def check_label_options(corrupt_percentage: float | None, noisy_labels: object | None) -> None:
+    """The one check of the label options: corrupted labels or human labels, not both, and a fraction in [0, 1]."""
+    if corrupt_percentage is not None and noisy_labels is not None:
+        raise PipelineError("--corrupt_percentage and --noisy_labels cannot be combined")
+    if corrupt_percentage is not None and not 0.0 <= corrupt_percentage <= 1.0:
+        raise PipelineError(f"--corrupt_percentage must be between 0 and 1, got {corrupt_percentage}")
+
+
 def checkpoint_path(
     checkpoint_dir: str | Path, corrupt_percentage: float | None = None, noisy_labels_key: str | None = None
 ) -> Path:
     """model.safetensors; model_corrupt_{p}.safetensors (p as given, e.g. 0.1); model_noisy_{key}.safetensors."""
-    if corrupt_percentage is not None and noisy_labels_key is not None:
-        raise PipelineError("--corrupt_percentage and --noisy_labels cannot be combined")
+    check_label_options(corrupt_percentage, noisy_labels_key)
     if corrupt_percentage is not None:
         return Path(checkpoint_dir) / f"model_corrupt_{corrupt_percentage}.safetensors"
     if noisy_labels_key is not None:
@@ -252,8 +285,7 @@ def corrupt_labels(labels: torch.Tensor, corrupt_percentage: float) -> torch.Ten
     new = randint(0, 10) from a generator seeded 0; where new equals the old label, add randint(1, 9) drawn
     from a fresh generator seeded 0 over just those positions, modulo 10 (so it can never come back).
     """
-    if not 0.0 <= corrupt_percentage <= 1.0:
-        raise PipelineError(f"corrupt_percentage must be between 0 and 1, got {corrupt_percentage}")
+    check_label_options(corrupt_percentage, None)
     labels = labels.to(torch.int64)
     k = num_corrupted(len(labels), corrupt_percentage)
     old = labels[:k].cpu()
@@ -317,10 +349,7 @@ def get_cifar10(
     is_train = split != "valid"
     if not is_train and (num_train is not None or corrupt_percentage is not None or noisy_labels is not None):
         raise PipelineError("num_train, corrupt_percentage and noisy_labels apply to train splits; use .subset(n)")
-    if corrupt_percentage is not None and noisy_labels is not None:
-        raise PipelineError("--corrupt_percentage and --noisy_labels cannot be combined")
-    if corrupt_percentage is not None and not 0.0 <= corrupt_percentage <= 1.0:
-        raise PipelineError(f"--corrupt_percentage must be between 0 and 1, got {corrupt_percentage}")
+    check_label_options(corrupt_percentage, noisy_labels)
 
     images, clean = load_cifar10_arrays(dataset_dir, train=is_train)
     labels = clean

@@ -47,7 +47,7 @@ from cli import (
     start_processes,
 )
 from influence.distributed import Group
-from pipeline import TensorBatches, checkpoint_path, evaluate, get_cifar10, save_model
+from pipeline import TensorBatches, check_label_options, checkpoint_path, evaluate, get_cifar10, save_model
 from recipe import add_recipe_flags, check_recipe_flags, train_model
 from train_state import partial_path
 
@@ -70,10 +70,7 @@ def parse_args(argv=None):
     if args.eval_batch_size < 1:
         parser.error(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
     check_recipe_flags(parser, args)
-    if args.corrupt_percentage is not None and not 0.0 <= args.corrupt_percentage <= 1.0:
-        parser.error(f"--corrupt_percentage must be between 0 and 1, got {args.corrupt_percentage}")
-    if args.corrupt_percentage is not None and args.noisy_labels is not None:
-        parser.error("--corrupt_percentage and --noisy_labels cannot be combined")
+    check_label_options(args.corrupt_percentage, args.noisy_labels)
     return args
 
 

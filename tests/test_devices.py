@@ -18,12 +18,11 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pipeline
-from cli import local_gpu
 from influence import Analyzer, FactorArguments, InfluenceError, flops, storage
 from influence import distributed as influence_distributed
 from influence.capture import Capture, backward_batch
 from influence.modules import find_layers
-from pipeline import CifarData, PipelineError, TensorBatches
+from pipeline import CifarData, PipelineError, TensorBatches, get_device, local_gpu
 from tests.reference import TinyTask, batches, make_model
 from tests.test_scripts import run
 
@@ -110,10 +109,8 @@ def test_fewer_gpus_than_processes_is_refused_in_one_line():
 
 
 def test_processes_asked_for_on_the_cpu_stay_there(monkeypatch):
-    from cli import _device
-
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert _device("cpu") == CPU  # and so gloo, however many GPUs the machine has
+    assert get_device("cpu") == CPU  # and so gloo, however many GPUs the machine has
 
 
 # ---- 3. Training batches without host copies ----
