@@ -39,7 +39,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import lds
@@ -56,7 +55,7 @@ from cli import (
     subplots,
 )
 from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments
-from influence.storage import safetensors_size, write_atomically
+from influence.storage import save_tensors, write_atomically
 from pipeline import CifarData, ClassificationTask, PipelineError, TensorBatches, get_cifar10, load_model, save_model
 from pipeline import evaluate as evaluate_model
 from recipe import add_recipe_flags, check_recipe_flags, recipe_of, train_model
@@ -118,14 +117,8 @@ def parse_args(argv=None):
 # ---- Files ----
 
 
-def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    meta = {key: json.dumps(value) for key, value in metadata.items()}
-    write_atomically(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta), safetensors_size(cpu, meta))
-
-
 def load(path: Path, key: str) -> tuple[torch.Tensor, dict]:
-    """A tensor and the JSON metadata of a file written by save(); unreadable: a one-line error."""
+    """A tensor and the JSON metadata of a file written by save_tensors(); unreadable: a one-line error."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             meta = {name: json.loads(value) for name, value in (handle.metadata() or {}).items()}
@@ -160,7 +153,7 @@ def masks_for(out: Path, settings: dict, seed: int) -> torch.Tensor:
                 )
         return masks
     masks = lds.draw_masks(settings["num_subsets"], settings["num_train"], settings["alpha"], seed)
-    save(path, {"masks": masks}, {"settings": settings})
+    save_tensors(path, {"masks": masks}, {"settings": settings})
     return masks
 
 
@@ -207,7 +200,9 @@ def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarDat
     else:
         margins = query_margins(model, queries, args.eval_batch_size)
         accuracy = evaluate_model(model, TensorBatches(queries, args.eval_batch_size))[1]
-        save(margins_file(out, unit), {"margins": margins}, {"seed": seed, "seconds": seconds, "accuracy": accuracy})
+        save_tensors(
+            margins_file(out, unit), {"margins": margins}, {"seed": seed, "seconds": seconds, "accuracy": accuracy}
+        )
     state.unlink(missing_ok=True)
     return seconds
 
@@ -384,7 +379,7 @@ def main() -> None:
     seconds = [fact.get("seconds", float("nan")) for fact in facts]
     accuracy = float(np.mean([fact.get("accuracy", float("nan")) for fact in facts]))
     if is_main():
-        save(out / "margins.safetensors", {"margins": margins}, {"settings": settings})
+        save_tensors(out / "margins.safetensors", {"margins": margins}, {"settings": settings})
         print(
             f"retrained models: accuracy {accuracy:.3f} on the queries (mean over models), {np.mean(seconds):.1f} s "
             "per model",
