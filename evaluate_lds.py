@@ -44,6 +44,7 @@ from tqdm import tqdm
 import lds
 from cli import (
     ArgumentParser,
+    add_data_flags,
     add_process_flags,
     file_fingerprint,
     is_main,
@@ -71,7 +72,7 @@ def parse_args(argv=None):
         epilog=examples + "\n\nFiles, sizes and costs: docs/lds.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
+    add_data_flags(parser)
     parser.add_argument("--output_dir", default="./lds_results", help="where every file goes (default ./lds_results)")
     sizes = parser.add_argument_group("retrainings")
     sizes.add_argument("--num_train", type=int, default=None, help="N: the first N training images (default all)")

@@ -1,7 +1,7 @@
 """Run everything the README reports, at one scale, in one command, keeping every log.
 
     python walkthrough.py --scale demo                                  # about 4 minutes on a 2-core laptop
-    python walkthrough.py --scale cpu --noisy_labels CIFAR-10_human.pt  # about 2 hours on 2 cores
+    python walkthrough.py --scale cpu --noisy_labels CIFAR-10_human.pt  # about 3 hours on 2 cores
     python walkthrough.py --scale gpu --noisy_labels CIFAR-10_human.pt  # the original full job, on a GPU
 
 Each step is one of the project's scripts; its output goes to walkthrough_logs/<scale>/<step>.log, the figures
@@ -27,6 +27,7 @@ aggre_label array; without it they are skipped with a line saying so.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -83,7 +84,7 @@ CIFAR10N_HINT = "download CIFAR-10_human.pt from https://github.com/UCSC-REAL/ci
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--scale", required=True, choices=SCALES, help="demo (minutes), cpu (the README's walk-through) or gpu"
     )
