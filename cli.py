@@ -374,10 +374,11 @@ def results_store(output_dir: str | Path, analysis_name: str) -> Store:
 
 
 def save_figure(fig, path: str | Path) -> None:
-    """Save a matplotlib figure whole or not at all, creating its folder."""
+    """Lay a matplotlib figure out and save it whole or not at all, creating its folder."""
     import matplotlib.pyplot as plt
 
     try:
+        fig.tight_layout()
         write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=150), folder="--figure")
     finally:
         plt.close(fig)

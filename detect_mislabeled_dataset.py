@@ -109,7 +109,6 @@ def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Pa
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -132,7 +131,6 @@ def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: 
             spine.set_edgecolor(color)
             spine.set_linewidth(2)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -56,7 +56,7 @@ from cli import (
     subplots,
 )
 from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments
-from influence.storage import save_tensors, write_atomically
+from influence.storage import first_difference, save_tensors, write_atomically
 from pipeline import CifarData, ClassificationTask, PipelineError, TensorBatches, get_cifar10, load_model, save_model
 from pipeline import evaluate as evaluate_model
 from recipe import add_recipe_flags, check_recipe_flags, recipe_of, train_model
@@ -145,13 +145,13 @@ def masks_for(out: Path, settings: dict, seed: int) -> torch.Tensor:
     path = out / "masks.safetensors"
     if path.exists():
         masks, meta = load(path, "masks")
-        saved = meta.get("settings", {})
-        for key in sorted(set(saved) | set(settings)):
-            if saved.get(key) != settings.get(key):
-                raise PipelineError(
-                    f"{out} holds retrainings with {key}={saved.get(key)!r}, now {key}={settings.get(key)!r}: "
-                    "choose another --output_dir, or delete it to start over"
-                )
+        difference = first_difference(meta.get("settings", {}), settings)
+        if difference:
+            key, old, new = difference
+            raise PipelineError(
+                f"{out} holds retrainings with {key}={old!r}, now {key}={new!r}: "
+                "choose another --output_dir, or delete it to start over"
+            )
         return masks
     masks = lds.draw_masks(settings["num_subsets"], settings["num_train"], settings["alpha"], seed)
     save_tensors(path, {"masks": masks}, {"settings": settings})
@@ -347,7 +347,6 @@ def draw(path: str | Path, rows: list[dict], masks, margins, scores: dict) -> No
     right.set_xlabel(f"predicted effect: sum of {best['scores']} scores over the subset")
     right.set_ylabel("measured margin (mean over seeds)")
     right.set_title(f"test image {query}: LDS {per_query[query]:.2f} (the median query of {best['scores']})")
-    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -55,7 +55,6 @@ def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, pat
     ax.set_ylabel("bf16 influence score")
     ax.set_title(f"bf16 vs fp32 scores of query {query} (Spearman {correlation:.3f})", fontsize=10)
     ax.legend(loc="upper left")
-    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -63,7 +63,6 @@ def draw(rows: list[dict], path: Path, top_k: int) -> None:
     fig.suptitle(
         "Most influential training images per test query (score = influence on the query's margin)", fontsize=9
     )
-    fig.tight_layout()
     save_figure(fig, path)
 
 
