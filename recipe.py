@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from cli import FP32_POLICY
 from influence import interrupt
+from influence.storage import first_difference
 from pipeline import CifarData, PipelineError, TensorBatches, construct_resnet9
 from train_state import read_training_state, restore_training_state, save_training_state
 
@@ -272,12 +273,11 @@ def read_state(path: Path, run_arguments: dict, device: torch.device, say=print)
         path.unlink()
         return None
     if saved is not None:
-        recorded = saved[1].get("arguments", {})
-        for key in sorted(set(recorded) | set(run_arguments)):
-            if recorded.get(key) != run_arguments.get(key):
-                raise PipelineError(
-                    f"{path} holds the state of a run with {key}={recorded.get(key)!r}, now "
-                    f"{key}={run_arguments.get(key)!r}: rerun with the same arguments to resume it, or delete it "
-                    "to start over"
-                )
+        difference = first_difference(saved[1].get("arguments", {}), run_arguments)
+        if difference:
+            key, old, new = difference
+            raise PipelineError(
+                f"{path} holds the state of a run with {key}={old!r}, now {key}={new!r}: rerun with the same "
+                "arguments to resume it, or delete it to start over"
+            )
     return saved

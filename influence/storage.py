@@ -159,10 +159,11 @@ def save_json(path: Path, obj: dict[str, Any]) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text), len(text.encode()))
 
 
-def _first_difference(saved: Any, wanted: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+def first_difference(saved: Any, wanted: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """(key, saved value, wanted value) of the first setting that differs, dotted into nested dicts; None if none."""
     if isinstance(saved, dict) and isinstance(wanted, dict):
         for key in sorted(set(saved) | set(wanted)):
-            found = _first_difference(saved.get(key), wanted.get(key), f"{prefix}{key}.")
+            found = first_difference(saved.get(key), wanted.get(key), f"{prefix}{key}.")
             if found:
                 return found
         return None
@@ -175,7 +176,7 @@ def check_arguments(folder: Path, filename: str, arguments: dict[str, Any], what
     wanted = json.loads(json.dumps(arguments))  # tuples become lists, as on disk
     if path.exists():
         saved = read_json(path)
-        difference = _first_difference(saved, wanted)
+        difference = first_difference(saved, wanted)
         if difference:
             key, old, new = difference
             raise InfluenceError(
