@@ -57,6 +57,8 @@ from pipeline import (
     place_model,
 )
 
+RATE_SPREAD = 0.8  # rates before and after the passes further apart than this are reported as unsteady
+
 PHASES = {
     "Fit Covariance": "covariance",
     "Perform Eigendecomposition": "eigendecomposition",
@@ -190,6 +192,19 @@ def matmul_rate(device: torch.device, precision: flops.Precision, size: int) -> 
     return 2 * size**3 / best
 
 
+def measure_rates(device: torch.device, kinds: list[flops.Precision], size: int) -> dict[flops.Precision, float]:
+    """The matrix-multiply rate of each precision, summed over the ranks. bf16 runs keep their covariances and
+    query preconditioning in fp32, and fp32 convolutions on a GPU run in TF32: each FLOP is set against the rate
+    of the precision it ran in. Every rank times its product at the same moment, so the rates add up to what the
+    ranks share."""
+    rates = {}
+    for kind in kinds:
+        if dist.is_initialized():
+            dist.barrier(group=control_group())
+        rates[kind] = summed(matmul_rate(device, kind, size))
+    return rates
+
+
 def floor_seconds(counted: dict[flops.Precision, float], rates: dict[flops.Precision, float]) -> float:
     """The time the counted FLOPs would take at the matrix-multiply rate of the precision each ran in."""
     return sum(count / rates[precision] for precision, count in counted.items() if count)
@@ -231,6 +246,12 @@ def main() -> None:
     else:
         train, queries = random_data(args.num_train, device, 0), random_data(args.num_queries, device, 1)
 
+    # The rate is measured before and after the passes: on a shared machine (or one that throttles) it moves, and
+    # the floor is only as good as the rate it divides by.
+    kinds = precisions(device, args.use_half_precision)
+    size = matmul_size(args, device)
+    rates_before = measure_rates(device, kinds, size)
+
     half = args.use_half_precision
     factor_args = FactorArguments(strategy=args.factor_strategy, use_half_precision=half)
     score_args = ScoreArguments(damping_factor=None, use_half_precision=half)
@@ -257,16 +278,8 @@ def main() -> None:
         analyzer.compute_self_scores("s", "f", batches, score_args)
         phase_memory["Compute Self-Influence Score"] = peak_memory(device)
 
-    # bf16 runs keep their covariances and query preconditioning in fp32, and fp32 convolutions on a GPU run in
-    # TF32: each FLOP is set against the rate of the precision it ran in. Every rank times its product at the
-    # same moment, so the rates add up to what the ranks share.
-    kinds = precisions(device, args.use_half_precision)
-    size = matmul_size(args, device)
-    rates = {}
-    for kind in kinds:
-        if dist.is_initialized():
-            dist.barrier(group=control_group())
-        rates[kind] = summed(matmul_rate(device, kind, size))
+    rates_after = measure_rates(device, kinds, size)
+    rates = {kind: max(rates_before[kind], rates_after[kind]) for kind in kinds}
     counted = {
         action: {kind: summed(analyzer.profiler.flops.get(action, {}).get(kind, 0)) for kind in kinds}
         for action in PHASES
@@ -279,9 +292,19 @@ def main() -> None:
         f"ResNet-9, {args.factor_strategy}, {precision}, {device.type}{processes}, {len(train)} training examples, "
         f"{len(queries)} queries, training batches of {args.train_batch_size}"
     )
+    each = " (all processes)" if world > 1 else ""
     for kind, rate in rates.items():
-        each = " (all processes)" if world > 1 else ""
-        print(f"Matrix-multiply rate ({size}^2, {flops.name(kind)}){each}: {rate / 1e9:.1f} GFLOP/s")
+        before, after = rates_before[kind] / 1e9, rates_after[kind] / 1e9
+        print(
+            f"Matrix-multiply rate ({size}^2, {flops.name(kind)}){each}: {rate / 1e9:.1f} GFLOP/s, the better of "
+            f"{before:.1f} before the passes and {after:.1f} after"
+        )
+        if min(before, after) < RATE_SPREAD * max(before, after):
+            print(
+                f"  the rate moved by {100 * (1 - min(before, after) / max(before, after)):.0f}% during the run: "
+                "the machine is shared or throttles, and the x floor column is uncertain by as much; rerun when "
+                "it is quiet"
+            )
     header = f"{'phase':<20}{'seconds':>10}{'GFLOP':>12}{'GFLOP/s':>10}{'floor (s)':>11}{'x floor':>9}   peak memory"
     print(header)
     print("-" * len(header))
