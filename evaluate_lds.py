@@ -298,10 +298,16 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
 
 
 def evaluate(args, masks: torch.Tensor, margins: torch.Tensor, scores: dict) -> list[dict]:
+    """One row per (strategy, damping) and per reference. With identity among the strategies, each strategy's
+    row also holds its paired difference from identity at the same damping (`vs_identity`)."""
     rows = []
     for (strategy, damping), values in scores.items():
         per_query = lds.lds_per_query(lds.predicted_margins(values, masks), margins)
         rows.append({"scores": strategy, "damping": damping, **lds.summarize(per_query)})
+    identity = {row["damping"]: per_query_of(row) for row in rows if row["scores"] == "identity"}
+    for row in rows:
+        if row["scores"] != "identity" and row["damping"] in identity:
+            row["vs_identity"] = lds.paired_difference(per_query_of(row), identity[row["damping"]])
     num_queries, num_train = margins.shape[2], masks.shape[1]
     random = lds.lds_per_query(
         lds.predicted_margins(lds.random_scores(num_queries, num_train, args.seed), masks), margins
@@ -312,15 +318,31 @@ def evaluate(args, masks: torch.Tensor, margins: torch.Tensor, scores: dict) -> 
     return rows
 
 
+def per_query_of(row: dict) -> np.ndarray:
+    """A row's LDS per query as an array, NaN where it was left out (None in the JSON)."""
+    return np.array([np.nan if value is None else value for value in row["per_query"]])
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| scores | damping | LDS | 95% interval | queries used (left out) |", "| --- | --- | --- | --- | --- |"]
+    paired = any("vs_identity" in row for row in rows)
+    extra = " minus identity (paired, 95%) |" if paired else ""
+    lines = [
+        f"| scores | damping | LDS | 95% interval | queries used (left out) |{extra}",
+        "| --- | --- | --- | --- | --- |" + (" --- |" if paired else ""),
+    ]
     for row in rows:
         low, high = row["interval_95"]
         damping = row["damping"] if row["damping"] is not None else "-"
-        lines.append(
+        line = (
             f"| {row['scores']} | {damping} | {row['mean']:.3f} | [{low:.3f}, {high:.3f}] | "
             f"{row['queries_used']} ({row['queries_left_out']}) |"
         )
+        if paired and "vs_identity" in row:
+            versus = row["vs_identity"]
+            line += f" {versus['mean']:+.3f} [{versus['interval_95'][0]:+.3f}, {versus['interval_95'][1]:+.3f}] |"
+        elif paired:
+            line += " |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -338,7 +360,7 @@ def draw(path: str | Path, rows: list[dict], masks, margins, scores: dict) -> No
     left.set_title(f"M={masks.shape[0]} subsets of {int(masks[0].sum())}, K={margins.shape[1]}, Q={margins.shape[2]}")
 
     best = max((row for row in rows if row["damping"] is not None), key=lambda row: row["mean"])
-    per_query = np.array([np.nan if v is None else v for v in best["per_query"]])
+    per_query = per_query_of(best)
     finite = np.flatnonzero(np.isfinite(per_query))
     query = int(finite[np.argsort(per_query[finite])[len(finite) // 2]]) if len(finite) else 0  # the median query
     predicted = lds.predicted_margins(scores[(best["scores"], best["damping"])], masks)[:, query].numpy()

@@ -6,6 +6,7 @@ Not run directly; evaluate_lds.py uses it, and so can anyone holding scores and 
     masks = draw_masks(num_subsets=100, num_train=50_000, alpha=0.5, seed=0)   # bool [M, N]
     per_query = lds_per_query(predicted_margins(scores, masks), margins)       # scores [Q, N], margins [M, K, Q]
     summarize(per_query)                                                       # mean, 95% bootstrap interval
+    paired_difference(per_query, other_per_query)                              # one strategy against another
 
 LDS(q) is the Spearman correlation, over the M subsets, between the predicted effect of subset j on query q,
 sum over i in subset j of score[q, i], and the measured margin of q (mean over the K seeds). A query whose
@@ -87,6 +88,17 @@ def bootstrap_interval(values: np.ndarray, level: float = 0.95, samples: int = 2
     means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(axis=1)
     tail = (1 - level) / 2
     return (float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail)))
+
+
+def paired_difference(per_query: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict:
+    """Mean over queries of per_query - reference, on the queries where both are finite, with its 95% bootstrap
+    interval. Both are measured on the same queries and retrainings, so the query-to-query spread they share
+    cancels: the difference of two strategies is known better than either LDS alone."""
+    difference = np.asarray(per_query, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    finite = np.isfinite(difference)
+    mean = float(difference[finite].mean()) if finite.any() else math.nan
+    low, high = bootstrap_interval(difference, seed=seed)
+    return {"mean": mean, "interval_95": [low, high], "queries_used": int(finite.sum())}
 
 
 def summarize(per_query: np.ndarray, seed: int = 0) -> dict:

@@ -64,6 +64,23 @@ def test_scores_exactly_linear_in_the_subset_give_1_and_random_scores_about_0():
     assert lds.seed_agreement(margins) == pytest.approx(np.ones(50))
 
 
+def test_a_paired_difference_cancels_the_spread_the_queries_share():
+    # Two strategies whose LDS differ by exactly 0.1 on every query, over queries spread from -0.5 to 0.9: each
+    # mean alone has a wide interval, their difference none. Queries left out by either are left out of both.
+    reference = np.linspace(-0.5, 0.8, 40)
+    better = reference + 0.1
+    reference[3], better[7] = np.nan, np.nan
+    difference = lds.paired_difference(better, reference)
+    assert difference["mean"] == pytest.approx(0.1) and difference["interval_95"] == pytest.approx([0.1, 0.1])
+    assert difference["queries_used"] == 38
+    alone = lds.summarize(better)["interval_95"]
+    assert alone[1] - alone[0] > 0.2
+    # Against a hand-checked case: differences 0.3, -0.1, 0.4 (the NaN query dropped), mean 0.2.
+    found = lds.paired_difference(np.array([0.5, 0.1, np.nan, 0.6]), np.array([0.2, 0.2, 0.3, 0.2]))
+    low, high = found["interval_95"]
+    assert found["mean"] == pytest.approx(0.2) and -0.1 - 1e-12 <= low < 0.2 < high <= 0.4 + 1e-12
+
+
 def test_the_margins_are_the_measurement_analyze_scores(fake_cifar_dir):
     from evaluate_lds import query_margins
 
@@ -125,6 +142,11 @@ def test_evaluate_lds_writes_files_readable_on_their_own(reference):
     scores = load_file(out / "influence_results" / "lds" / "scores_diagonal_damping_0" / "pairwise_scores.safetensors")
     per_query = lds.lds_per_query(lds.predicted_margins(scores["all_modules"], masks), margins)
     assert lds.summarize(per_query)["per_query"] == rows[("diagonal", "0")]["per_query"]
+    # Each strategy beside identity on the same queries, in the JSON and the table.
+    paired = lds.paired_difference(per_query, np.array(rows[("identity", "0")]["per_query"], dtype=np.float64))
+    found = rows[("diagonal", "0")]["vs_identity"]
+    assert found["mean"] == pytest.approx(paired["mean"], nan_ok=True) and "vs_identity" not in rows[("random", None)]
+    assert "minus identity (paired, 95%)" in (out / "lds.md").read_text()
     assert "| diagonal | heuristic |" in (out / "lds.md").read_text() and (out / "lds.png").stat().st_size > 10_000
     assert not list(out.rglob("*.partial.safetensors"))  # the models themselves are not kept, nor their states
 
