@@ -348,15 +348,17 @@ def table(rows: list[dict]) -> str:
 
 def draw(path: str | Path, rows: list[dict], masks, margins, scores: dict) -> None:
     fig, (left, right) = subplots(1, 2, figsize=(12, 4.5))
-    labels = [row["scores"] if row["damping"] in (None, damping_name(DEFAULT_DAMPING)) else
-              f"{row['scores']}\n{row['damping']}" for row in rows]  # fmt: skip
+    # Horizontal bars, first row on top: the labels (strategy, damping) stay readable however many rows there are.
+    labels = [f"{row['scores']}, damping {row['damping']}" if row["damping"] is not None else row["scores"]
+              for row in rows]  # fmt: skip
     means = np.array([row["mean"] for row in rows])
     errors = np.array([[row["mean"] - row["interval_95"][0], row["interval_95"][1] - row["mean"]] for row in rows]).T
     colors = ["tab:blue" if row["damping"] is not None else "tab:gray" for row in rows]
-    left.bar(range(len(rows)), means, yerr=errors, color=colors, capsize=4)
-    left.set_xticks(range(len(rows)), labels, fontsize=8)
-    left.axhline(0, color="black", linewidth=0.8)
-    left.set_ylabel("LDS (mean over queries, 95% bootstrap interval)")
+    left.barh(range(len(rows)), means, xerr=errors, color=colors, capsize=3)
+    left.set_yticks(range(len(rows)), labels, fontsize=8)
+    left.invert_yaxis()
+    left.axvline(0, color="black", linewidth=0.8)
+    left.set_xlabel("LDS (mean over queries, 95% bootstrap interval; gray: references)")
     left.set_title(f"M={masks.shape[0]} subsets of {int(masks[0].sum())}, K={margins.shape[1]}, Q={margins.shape[2]}")
 
     best = max((row for row in rows if row["damping"] is not None), key=lambda row: row["mean"])
