@@ -205,6 +205,17 @@ def measure_rates(device: torch.device, kinds: list[flops.Precision], size: int)
     return rates
 
 
+def unsteady_rate(before: float, after: float) -> str | None:
+    """What to say when the rates measured before and after the passes are more than RATE_SPREAD apart."""
+    low, high = sorted((before, after))
+    if low >= RATE_SPREAD * high:
+        return None
+    return (
+        f"the rate moved by {100 * (1 - low / high):.0f}% during the run: the machine is shared or throttles, and "
+        "the x floor column is uncertain by as much; rerun when it is quiet"
+    )
+
+
 def floor_seconds(counted: dict[flops.Precision, float], rates: dict[flops.Precision, float]) -> float:
     """The time the counted FLOPs would take at the matrix-multiply rate of the precision each ran in."""
     return sum(count / rates[precision] for precision, count in counted.items() if count)
@@ -299,12 +310,9 @@ def main() -> None:
             f"Matrix-multiply rate ({size}^2, {flops.name(kind)}){each}: {rate / 1e9:.1f} GFLOP/s, the better of "
             f"{before:.1f} before the passes and {after:.1f} after"
         )
-        if min(before, after) < RATE_SPREAD * max(before, after):
-            print(
-                f"  the rate moved by {100 * (1 - min(before, after) / max(before, after)):.0f}% during the run: "
-                "the machine is shared or throttles, and the x floor column is uncertain by as much; rerun when "
-                "it is quiet"
-            )
+        warning = unsteady_rate(before, after)
+        if warning:
+            print(f"  {warning}")
     header = f"{'phase':<20}{'seconds':>10}{'GFLOP':>12}{'GFLOP/s':>10}{'floor (s)':>11}{'x floor':>9}   peak memory"
     print(header)
     print("-" * len(header))
