@@ -63,8 +63,8 @@ def lds_per_query(predicted: torch.Tensor, margins: torch.Tensor) -> np.ndarray:
 
 def seed_agreement(margins: torch.Tensor) -> np.ndarray:
     """Per query [Q], with K >= 2 seeds: Spearman over subsets between two seeds' margins, averaged over the
-    pairs of seeds. How far one retraining's margins follow the subset at all: the ceiling retraining noise
-    puts on any attribution's LDS against a single seed."""
+    pairs of seeds: r, the share of one retraining's margin that follows the subset at all. With independent seed
+    noise no attribution correlates better than about sqrt(r) with one seed's margin (more with a mean of seeds)."""
     k = margins.shape[1]
     if k < 2:
         raise ValueError("seed agreement needs at least 2 seeds per subset")
