@@ -300,14 +300,16 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
 def evaluate(args, masks: torch.Tensor, margins: torch.Tensor, scores: dict) -> list[dict]:
     """One row per (strategy, damping) and per reference. With identity among the strategies, each strategy's
     row also holds its paired difference from identity at the same damping (`vs_identity`)."""
+    per_query = {
+        key: lds.lds_per_query(lds.predicted_margins(values, masks), margins) for key, values in scores.items()
+    }
     rows = []
-    for (strategy, damping), values in scores.items():
-        per_query = lds.lds_per_query(lds.predicted_margins(values, masks), margins)
-        rows.append({"scores": strategy, "damping": damping, **lds.summarize(per_query)})
-    identity = {row["damping"]: per_query_of(row) for row in rows if row["scores"] == "identity"}
-    for row in rows:
-        if row["scores"] != "identity" and row["damping"] in identity:
-            row["vs_identity"] = lds.paired_difference(per_query_of(row), identity[row["damping"]])
+    for (strategy, damping), values in per_query.items():
+        row = {"scores": strategy, "damping": damping, **lds.summarize(values)}
+        identity = per_query.get(("identity", damping))
+        if strategy != "identity" and identity is not None:
+            row["vs_identity"] = lds.paired_difference(values, identity)
+        rows.append(row)
     num_queries, num_train = margins.shape[2], masks.shape[1]
     random = lds.lds_per_query(
         lds.predicted_margins(lds.random_scores(num_queries, num_train, args.seed), masks), margins
@@ -397,9 +399,10 @@ def main() -> None:
     began = time.monotonic()
     retrain(args, out, train, masks, queries, device)
     units = [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
-    margins = torch.stack([load(margins_file(out, unit), "margins")[0] for unit in units])
+    loaded = [load(margins_file(out, unit), "margins") for unit in units]
+    margins = torch.stack([unit_margins for unit_margins, _ in loaded])
     margins = margins.view(args.num_subsets, args.seeds_per_subset, len(queries))
-    facts = [load(margins_file(out, unit), "margins")[1] for unit in units]
+    facts = [fact for _, fact in loaded]
     seconds = [fact.get("seconds", float("nan")) for fact in facts]
     accuracy = float(np.mean([fact.get("accuracy", float("nan")) for fact in facts]))
     if is_main():

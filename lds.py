@@ -95,10 +95,8 @@ def paired_difference(per_query: np.ndarray, reference: np.ndarray, seed: int = 
     interval. Both are measured on the same queries and retrainings, so the query-to-query spread they share
     cancels: the difference of two strategies is known better than either LDS alone."""
     difference = np.asarray(per_query, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
-    finite = np.isfinite(difference)
-    mean = float(difference[finite].mean()) if finite.any() else math.nan
-    low, high = bootstrap_interval(difference, seed=seed)
-    return {"mean": mean, "interval_95": [low, high], "queries_used": int(finite.sum())}
+    summary = summarize(difference, seed=seed)
+    return {name: summary[name] for name in ("mean", "interval_95", "queries_used")}
 
 
 def summarize(per_query: np.ndarray, seed: int = 0) -> dict:
