@@ -309,10 +309,9 @@ def main() -> None:
         line = f"Matrix-multiply rate ({size}^2, {flops.name(kind)}){each}: {rate / 1e9:.1f} GFLOP/s"
         if kind == torch.float32:
             line += f", the better of {fp32_before / 1e9:.1f} before the passes and {fp32_after / 1e9:.1f} after"
+            warning = unsteady_rate(fp32_before, fp32_after)
+            line += f"\n  {warning}" if warning else ""
         print(line)
-        warning = unsteady_rate(fp32_before, fp32_after) if kind == torch.float32 else None
-        if warning:
-            print(f"  {warning}")
     header = f"{'phase':<20}{'seconds':>10}{'GFLOP':>12}{'GFLOP/s':>10}{'floor (s)':>11}{'x floor':>9}   peak memory"
     print(header)
     print("-" * len(header))
