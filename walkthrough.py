@@ -2,13 +2,16 @@
 
     python walkthrough.py --scale demo                                  # about 4 minutes on a 2-core laptop
     python walkthrough.py --scale cpu --noisy_labels CIFAR-10_human.pt  # about 3 hours on 2 cores
+    python walkthrough.py --scale full --noisy_labels CIFAR-10_human.pt --out_dir ~/runs/full  # original job, CPU
     python walkthrough.py --scale gpu --noisy_labels CIFAR-10_human.pt  # the original full job, on a GPU
 
-Each step is one of the project's scripts; its output goes to walkthrough_logs/<scale>/<step>.log, the figures
-to figure/<scale>/, and walkthrough_logs/<scale>/summary.md collects every step's printed results (training
-accuracies, timing tables, the bf16 check, detection tables with ROC AUC, benchmarks) with its wall time and
-peak memory. A step that finished is skipped when the walk-through is started again (--force reruns them), so
-an interrupted walk-through continues where it stopped, as do the influence passes inside a step.
+Everything a walk-through makes goes under --out_dir (default ./walkthrough/<scale>): checkpoints/,
+influence_results/, figures/ and logs/, where logs/<step>.log holds each step's output and logs/summary.md
+collects every step's printed results (training accuracies, timing tables, the bf16 check, detection tables
+with ROC AUC, benchmarks) with its wall time and peak memory. A step that finished is skipped when the
+walk-through is started again with the same command (a step whose command changed runs again; --force reruns
+them all), so an interrupted walk-through continues where it stopped, as do the passes inside a step.
+SIGTERM or SIGINT is passed on to the running step, which saves its progress before the walk-through stops.
 
 Scales:
   demo: 500 training images and a short training, EK-FAC pairwise scores for 16 test images with the picture of
@@ -17,6 +20,10 @@ Scales:
         detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on CPUs
         without bf16 units), the benchmark, the same jobs split over 2 processes, and the LDS of every strategy
         against 60 retrainings (about 70 minutes more).
+  full: the original example's full job on a CPU (hours to days on 2 cores: docs/full_size.md): the clean,
+        10%-corrupted and CIFAR-10N models trained with the original recipe (in bf16 and channels-last, the
+        fastest on CPUs with bf16 units), EK-FAC pairwise scores of 2,000 queries x 50,000 in fp32 and bf16 and
+        their agreement, the most influential images, and mislabel detection with every strategy.
   gpu:  the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32
         and bf16, self-influence of all 50,000, every strategy, the full-size benchmark, and the LDS against 200
         retrainings on halves of the 50,000 (hours: docs/lds.md).
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +75,12 @@ SCALES = {
         "lds": ["--num_train", "500", "--num_queries", "100", "--num_subsets", "30", "--seeds_per_subset", "2"]
         + ["--train_batch_size", "32", "--num_train_epochs", "20"],
     },
+    "full": {
+        "train": ["--use_half_precision", "--use_channels_last"],
+        "influence": [],
+        # 250 preconditioned query gradients of ResNet-9 hold 6.6 GB in fp32: what a 24 GiB machine can keep
+        "queries": ["--query_batch_size", "250"],
+    },
     "gpu": {
         "train": ["--use_channels_last"],
         "influence": [],
@@ -74,8 +88,6 @@ SCALES = {
         "half_check": ["--query_batch_size", "1000"],  # the same job as analyze_ekfac, whose fp32 scores it reuses
         "bench": FULL_BENCH,
         "bench_bf16": FULL_BENCH,
-        "scaling": None,  # one GPU here; several are run with torchrun the same way
-        "scaling_queries": None,
         # LDS at full size: 100 halves of the 50,000 images, 2 seeds each, the original recipe, 2,000 queries
         "lds": ["--num_subsets", "100", "--seeds_per_subset", "2", "--num_queries", "2000", "--use_channels_last"],
     },
@@ -86,7 +98,10 @@ CIFAR10N_HINT = "download CIFAR-10_human.pt from https://github.com/UCSC-REAL/ci
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--scale", required=True, choices=SCALES, help="demo (minutes), cpu (the README's walk-through) or gpu"
+        "--scale",
+        required=True,
+        choices=SCALES,
+        help="demo (minutes), cpu (the README's walk-through), full (the original job on a CPU) or gpu",
     )
     parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
     parser.add_argument(
@@ -94,10 +109,16 @@ def parse_args(argv=None):
         default=None,
         help=f"CIFAR-10N labels for the real-noise steps: CIFAR-10_human.pt or an .npz ({CIFAR10N_HINT})",
     )
-    parser.add_argument("--log_dir", default="./walkthrough_logs", help="where logs and summary.md go")
+    parser.add_argument(
+        "--out_dir",
+        default=None,
+        help="where checkpoints/, influence_results/, figures/ and logs/ go (default ./walkthrough/<scale>)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.out_dir = Path(args.out_dir or f"./walkthrough/{args.scale}").expanduser()
+    return args
 
 
 def check_inputs(args) -> None:
@@ -111,10 +132,11 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, command, extra environment) of every step, in order."""
     scale = SCALES[args.scale]
     py = [sys.executable]
-    figures = f"figure/{args.scale}"
+    out = args.out_dir
+    figures = out / "figures"
     dataset = ["--dataset_dir", args.dataset_dir]
-    data = [*dataset, "--checkpoint_dir", f"./checkpoints/{args.scale}"]
-    results = ["--output_dir", f"./influence_results/{args.scale}"]
+    data = [*dataset, "--checkpoint_dir", str(out / "checkpoints")]
+    results = ["--output_dir", str(out / "influence_results")]
     noisy = ["--noisy_labels", args.noisy_labels, "--noisy_labels_key", "aggre_label"] if args.noisy_labels else None
     one_thread = {"OMP_NUM_THREADS": "1"}
     torchrun = [*py, "-m", "torch.distributed.run", "--nproc_per_node=2"]
@@ -136,32 +158,40 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
     if noisy:
         found.append(("train_noisy", [*py, "train.py", *data, *scale["train"], *noisy], {}))
     found.append(("analyze_ekfac", [*analyze, *scale["queries"]], {}))
-    # On the CPU, bf16 is compared on a smaller subset (it may be emulated); on a GPU, on the full job above.
-    half = [*results[:1], f"./influence_results/{args.scale}_half_check"] if args.scale == "cpu" else results
-    half_data = [*py, "analyze.py", *data, *half, "--factor_strategy", "ekfac", "--profile", *scale["half_check"]]
-    found += [
-        ("half_check_fp32", half_data, {}),
-        ("half_check_bf16", [*half_data, "--use_half_precision"], {}),
-        ("half_precision", [*py, "half_precision_analysis.py", *half, "--figure", f"{figures}/half_precision.png"], {}),
-        ("top_influential", top_influential, {}),
-    ]
+    half_figure = ["--figure", f"{figures}/half_precision.png"]
+    if args.scale == "full":  # the same job in bf16, its fp32 scores from analyze_ekfac
+        found += [
+            ("analyze_ekfac_bf16", [*analyze, *scale["queries"], "--use_half_precision"], {}),
+            ("half_precision", [*py, "half_precision_analysis.py", *results, *half_figure], {}),
+        ]
+    else:  # on the CPU scale, bf16 is compared on a smaller subset; on a GPU, on the full job above
+        half = [*results[:1], str(out / "influence_results_half_check")] if args.scale == "cpu" else results
+        half_data = [*py, "analyze.py", *data, *half, "--factor_strategy", "ekfac", "--profile", *scale["half_check"]]
+        found += [
+            ("half_check_fp32", half_data, {}),
+            ("half_check_bf16", [*half_data, "--use_half_precision"], {}),
+            ("half_precision", [*py, "half_precision_analysis.py", *half, *half_figure], {}),
+        ]
+    found.append(("top_influential", top_influential, {}))
     for strategy in STRATEGIES:  # the last run prints the columns of every strategy
         figure = ["--figure", f"{figures}/mislabel.png"]
         found.append((f"detect_{strategy}", [*detect, *figure, "--factor_strategy", strategy], {}))
     if noisy:
         figure = ["--figure", f"{figures}/mislabel_noisy_aggre_label.png"]
         found.append(("detect_noisy_ekfac", [*detect, *noisy, *figure, "--factor_strategy", "ekfac"], {}))
+    if args.scale == "full":  # the benchmark and the LDS at this size are GPU work
+        return found
     bench = [*py, "bench.py", *dataset, *scale["bench"]]
     found.append(("bench_fp32", [*bench, "--save_interval", "15"], {}))
     found.append(("bench_bf16", [*py, "bench.py", *dataset, *scale["bench_bf16"], "--use_half_precision"], {}))
     if args.scale == "cpu":
         # The CPU's default batch of 128 against the GPU's 512 and others, on the same job.
         for size in (512, 256, 128, 64):
-            out = ["--output_dir", f"./influence_results/cpu_batch_{size}", "--overwrite_output_dir"]
-            figure = ["--figure", f"./influence_results/cpu_batch_{size}/mislabel.png"]
-            command = [*py, "detect_mislabeled_dataset.py", *data, "--num_train", "512", "--profile", *out, *figure]
+            folder = out / f"influence_results_batch_{size}"
+            given = ["--output_dir", str(folder), "--overwrite_output_dir", "--figure", str(folder / "mislabel.png")]
+            command = [*py, "detect_mislabeled_dataset.py", *data, "--num_train", "512", "--profile", *given]
             found.append((f"batch_size_{size}", [*command, "--train_batch_size", str(size)], {}))
-    if scale["scaling"] is not None:
+    if args.scale == "cpu":
         # The same jobs on one thread in one process, and split over 2 processes of one thread each.
         for name, script, extra in (
             ("bench", "bench.py", [*dataset, *scale["bench"]]),
@@ -173,42 +203,76 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
             ),
         ):
             for processes, launcher in ((1, py), (2, torchrun)):
-                out = ["--output_dir", f"./influence_results/{args.scale}_scaling_{processes}"]
-                profile = [] if script == "bench.py" else [*out, "--overwrite_output_dir", "--profile"]
+                folder = out / f"influence_results_scaling_{processes}"
+                profile = ["--output_dir", str(folder), "--overwrite_output_dir", "--profile"]
+                profile = [] if script == "bench.py" else profile
                 if script == "detect_mislabeled_dataset.py":
-                    profile += ["--figure", f"./influence_results/{args.scale}_scaling_{processes}/mislabel.png"]
+                    profile += ["--figure", str(folder / "mislabel.png")]
                 found.append((f"scaling_{name}_{processes}proc", [*launcher, script, *extra, *profile], one_thread))
     # Do the scores predict retraining? On the CPU two one-thread processes share the retrainings.
-    lds = [*dataset, "--output_dir", f"./lds_results/{args.scale}", *scale["lds"], "--damping", "1e-8", "heuristic"]
+    lds = [*dataset, "--output_dir", str(out / "lds_results"), *scale["lds"], "--damping", "1e-8", "heuristic"]
     lds += ["--figure", f"{figures}/lds.png", "--profile"]
     launcher, env = (torchrun, one_thread) if args.scale == "cpu" else (py, {})
     found.append(("lds", [*launcher, "evaluate_lds.py", *lds], env))
     return found
 
 
-def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path) -> tuple[float, float]:
+def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, shown: str) -> tuple[float, float]:
     """Run one step: results (stdout) to <name>.log, progress bars (stderr) to <name>.err.
 
-    Returns (seconds, peak resident memory of the step's processes in GiB).
+    SIGTERM and SIGINT are passed on to the step, whose scripts save their progress and exit; the walk-through
+    waits for it, then stops too, so that no step is left running on its own. Returns (seconds, peak resident
+    memory of the step's processes in GiB).
     """
     log, err = log_dir / f"{name}.log", log_dir / f"{name}.err"
-    shown = f"{' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(command)}".strip()
     print(f"== {name}: {shown}", flush=True)
     start = time.monotonic()
     with open(log, "w") as out, open(err, "w") as progress:
         out.write(f"$ {shown}\n")
         out.flush()
         process = subprocess.Popen(command, stdout=out, stderr=progress, env={**os.environ, **env})
-        _, status, usage = os.wait4(process.pid, 0)  # the rusage of this step's processes alone
+        stopped = []
+
+        def forward(signum, frame):
+            stopped.append(signum)
+            process.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while True:
+                try:
+                    _, status, usage = os.wait4(process.pid, 0)  # the rusage of this step's processes alone
+                    break
+                except InterruptedError:  # a signal arrived while waiting: keep waiting for the step to save
+                    continue
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     seconds = time.monotonic() - start
     code = os.waitstatus_to_exitcode(status)
     print(log.read_text().split("\n", 1)[1], end="", flush=True)
+    if stopped:
+        raise PipelineError(f"stopped during step {name}, which saved its progress: run the same command again")
     if code != 0:
         print(err.read_text()[-4000:], file=sys.stderr)
         raise PipelineError(f"step {name} failed (exit status {code}); its logs: {log}, {err}")
     peak = usage.ru_maxrss / 2**20
-    (log_dir / f"{name}.done").write_text(f"{seconds:.1f} {peak:.2f}\n")
+    (log_dir / f"{name}.done").write_text(f"{seconds:.1f} {peak:.2f}\n{shown}\n")
     print(f"== {name}: {seconds:.0f} s, peak memory {peak:.2f} GiB", flush=True)
+    return seconds, peak
+
+
+def finished_before(marker: Path, shown: str) -> tuple[float, float] | None:
+    """(seconds, peak GiB) of a step that finished with this very command, else None (it runs again)."""
+    if not marker.is_file():
+        return None
+    lines = marker.read_text().splitlines()
+    try:
+        seconds, peak = (float(v) for v in lines[0].split())
+    except (IndexError, ValueError):
+        return None
+    if lines[1:2] != [shown] or not marker.with_suffix(".log").is_file():
+        return None
     return seconds, peak
 
 
@@ -226,26 +290,31 @@ def write_summary(args, done: list[tuple[str, list[str], float, float]], log_dir
     return path
 
 
+def shown_command(command: list[str], env: dict[str, str]) -> str:
+    return f"{' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(command)}".strip()
+
+
 def main() -> None:
     args = parse_args()
     check_inputs(args)
-    log_dir = Path(args.log_dir) / args.scale
+    log_dir = args.out_dir / "logs"
     plan = steps(args)
     if args.scale != "demo" and args.noisy_labels is None:
         print(f"CIFAR-10N steps skipped: no --noisy_labels ({CIFAR10N_HINT})", file=sys.stderr, flush=True)
     if args.dry_run:
         for name, command, env in plan:
-            print(f"{name}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(command)}")
+            print(f"{name}: {shown_command(command, env)}")
         return
     log_dir.mkdir(parents=True, exist_ok=True)
     done = []
     for name, command, env in plan:
-        marker = log_dir / f"{name}.done"
-        if marker.exists() and not args.force:
-            seconds, peak = (float(v) for v in marker.read_text().split())
+        shown = shown_command(command, env)
+        before = None if args.force else finished_before(log_dir / f"{name}.done", shown)
+        if before is not None:
+            seconds, peak = before
             print(f"== {name}: done before ({seconds:.0f} s), skipped")
         else:
-            seconds, peak = run_step(name, command, env, log_dir)
+            seconds, peak = run_step(name, command, env, log_dir, shown)
         done.append((name, command, seconds, peak))
     print(f"Summary: {write_summary(args, done, log_dir)}")
 

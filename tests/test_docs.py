@@ -133,7 +133,7 @@ def test_walkthrough_runs_the_steps_the_docs_list(tmp_path):
     names = [line.split(":")[0] for line in demo.splitlines()]
     assert names == ["train_clean", "train_corrupt", "analyze_ekfac", "top_influential", "detect_ekfac"]
     readme = (REPO_ROOT / "README.md").read_text()
-    for figure in ("figure/demo/top_influential.png", "figure/demo/mislabel.png"):
+    for figure in ("walkthrough/demo/figures/top_influential.png", "walkthrough/demo/figures/mislabel.png"):
         assert figure in demo and figure in readme
 
 

@@ -306,7 +306,7 @@ def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, t
 
 def test_walkthrough_arguments(tmp_path):
     for args, message in (
-        (["--scale", "tpu"], "invalid choice: 'tpu' (choose from 'demo', 'cpu', 'gpu')"),
+        (["--scale", "tpu"], "invalid choice: 'tpu' (choose from 'demo', 'cpu', 'full', 'gpu')"),
         ([], "the following arguments are required: --scale"),
         (["--scale", "cpu", "--noisy_labels", str(tmp_path / "none.npz")], "is not a file"),
     ):
@@ -314,19 +314,27 @@ def test_walkthrough_arguments(tmp_path):
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr, result.stderr
     if not torch.cuda.is_available():  # on a GPU machine this would start the full job
-        result = run("walkthrough.py", "--scale", "gpu", "--log_dir", str(tmp_path), expect=2)
+        result = run("walkthrough.py", "--scale", "gpu", "--out_dir", str(tmp_path / "gpu"), expect=2)
         assert (
             result.stderr
             == "error: --scale gpu needs a GPU and torch sees none: run --scale cpu or --scale demo here\n"
         )
         assert not (tmp_path / "gpu").exists()
-    plan = run("walkthrough.py", "--scale", "cpu", "--dry_run", "--log_dir", str(tmp_path)).stdout
+    plan = run("walkthrough.py", "--scale", "cpu", "--dry_run", "--out_dir", str(tmp_path / "cpu")).stdout
     steps = [line.split(":")[0] for line in plan.splitlines()]
     assert steps[:2] == ["train_clean", "train_corrupt"] and "train_noisy" not in steps
     assert {f"detect_{strategy}" for strategy in ("identity", "diagonal", "kfac", "ekfac")} <= set(steps)
     assert "--num_train 2000" in plan and not (tmp_path / "cpu").exists()  # a dry run writes nothing
     full = run("walkthrough.py", "--scale", "gpu", "--dry_run").stdout
     assert "--num_train" not in full.split("bench_fp32")[0]  # the full job uses every training image
+    cpu_full = run("walkthrough.py", "--scale", "full", "--dry_run", "--out_dir", str(tmp_path / "full")).stdout
+    names = [line.split(":")[0] for line in cpu_full.splitlines()]
+    assert names[:3] == ["train_clean", "train_corrupt", "analyze_ekfac"] and "bench_fp32" not in names
+    assert "--num_train" not in cpu_full and "--use_half_precision --use_channels_last" in cpu_full
+    assert {"analyze_ekfac_bf16", "half_precision"} | {
+        f"detect_{s}" for s in ("identity", "diagonal", "kfac", "ekfac")
+    } <= set(names)
+    assert str(tmp_path / "full" / "checkpoints") in cpu_full and not (tmp_path / "full").exists()
 
 
 def test_default_train_batch_size_follows_the_device():
