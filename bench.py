@@ -36,11 +36,17 @@ import torch
 import torch.distributed as dist
 
 from cli import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
     ArgumentParser,
     add_process_flags,
+    bf16_hardware_note,
+    cpu_bf16_units,
+    cpu_info_lines,
     is_main,
     keep_freed_memory,
     run_cli,
+    say_if_bf16_is_emulated,
     start_processes,
     train_batch_size,
 )
@@ -70,25 +76,28 @@ PHASES = {
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_train", type=int, default=1000, help="training examples (default 1000)")
-    parser.add_argument("--num_queries", type=int, default=50, help="query examples (default 50)")
+    parser.add_argument("--num_train", type=POSITIVE_INT, default=1000, help="training examples (default 1000)")
+    parser.add_argument("--num_queries", type=POSITIVE_INT, default=50, help="query examples (default 50)")
     parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES, help="default ekfac")
     parser.add_argument(
         "--use_half_precision",
         action="store_true",
-        help="bf16, as analyze.py (its bf16 products at the bf16 rate). Without it fp32, with torch's default on a "
-        "GPU: convolutions in TF32, counted at the TF32 rate, matrix products in fp32",
+        help=f"bf16, as analyze.py (its bf16 products at the bf16 rate; {bf16_hardware_note()}). Without it fp32, "
+        "with torch's default on a GPU: convolutions in TF32, counted at the TF32 rate, matrix products in fp32",
     )
     parser.add_argument(
-        "--device", default=None, help="cpu or cuda (default: cuda when present); under torchrun, cpu means gloo"
+        "--device",
+        default=None,
+        choices=("cpu", "cuda"),
+        help="cpu or cuda (default: cuda when present); under torchrun, cpu means gloo",
     )
     parser.add_argument(
         "--train_batch_size",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="training batch of the passes (default: the scripts', 512 on a GPU and 128 on the CPU)",
     )
-    parser.add_argument("--query_batch_size", type=int, default=None, help="default: all queries at once")
+    parser.add_argument("--query_batch_size", type=POSITIVE_INT, default=None, help="default: all queries at once")
     parser.add_argument("--dataset_dir", default=None, help="use real CIFAR-10 from here (default: random images)")
     parser.add_argument(
         "--checkpoint",
@@ -99,13 +108,16 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--matmul_size",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help="side of the square product timed for the floor (default: 2048 on the CPU, 8192 on a GPU, where a "
         "smaller one takes about as long as the timing itself)",
     )
     parser.add_argument(
-        "--save_interval", type=float, default=120.0, help="seconds between partial saves of a pass (default 120)"
+        "--save_interval",
+        type=NON_NEGATIVE,
+        default=120.0,
+        help="seconds between partial saves of a pass (default 120)",
     )
     parser.add_argument(
         "--max_elements",
@@ -242,12 +254,25 @@ def random_data(n: int, device: torch.device, seed: int) -> CifarData:
     return CifarData(images.to(device), labels.to(device), labels.to(device), "random")
 
 
+def device_description(device: torch.device) -> str:
+    """The device's name, with the CPU's bf16 units (which decide whether --use_half_precision pays)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = next(
+        (line.split(":", 1)[1].strip() for line in cpu_info_lines() if line.startswith("model name")), "unknown CPU"
+    )
+    units = cpu_bf16_units()
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} threads, " + (f"{units} bf16 units" if units else "no bf16 units (bf16 is emulated)")
+
+
 def main() -> None:
     args = parse_args()
     keep_freed_memory()
     device = start_processes(args.dist_timeout, args.device)
     world = dist.get_world_size() if dist.is_initialized() else 1
     args.train_batch_size = train_batch_size(args, device)
+    say_if_bf16_is_emulated(device, args.use_half_precision)
     torch.manual_seed(0)
     # Random weights are laid out as the scripts lay out a checkpoint's (channels-last on a GPU).
     model = load_model(args.checkpoint, device) if args.checkpoint else place_model(construct_resnet9(), device)
@@ -304,6 +329,7 @@ def main() -> None:
         f"ResNet-9, {args.factor_strategy}, {precision}, {device.type}{processes}, {len(train)} training examples, "
         f"{len(queries)} queries, training batches of {args.train_batch_size}"
     )
+    print(f"Device: {device_description(device)}")
     each = " (all processes)" if world > 1 else ""
     for kind, rate in rates.items():
         line = f"Matrix-multiply rate ({size}^2, {flops.name(kind)}){each}: {rate / 1e9:.1f} GFLOP/s"

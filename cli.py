@@ -42,6 +42,73 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+# ---- Flag types: a bad value is refused while the flags are read, in one line, before any work starts ----
+
+
+def number(low: float = 0.0, positive: bool = False, kind: type = float) -> Callable[[str], float]:
+    """An argparse type: a finite number of `kind` at least `low` (above it when `positive`)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (float("-inf") < value < float("inf")) or value < low or (positive and value == low):
+            expected = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"expected {expected} {'>' if positive else '>='} {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = number(0, positive=True, kind=int)
+NON_NEGATIVE_INT = number(0, kind=int)
+NON_NEGATIVE = number(0)
+POSITIVE = number(0, positive=True)
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed torch.manual_seed takes (0 <= seed < 2**63)."""
+    value = number(0, kind=int)(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be below 2**63, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a fraction strictly between 0 and 1 (of the training labels to corrupt)."""
+    value = number(0, positive=True)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (0.1 is 10%), got {text}")
+    return value
+
+
+def folder(text: str) -> str:
+    """An argparse type: a folder that is there or can be made, so that no file stands where it or a parent goes."""
+    path = Path(text).expanduser()
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise argparse.ArgumentTypeError(f"{place} is a file, not a folder: choose another folder")
+            break
+    return str(path)
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "tif", "tiff", "webp", "eps", "ps")
+
+
+def figure_file(text: str) -> str:
+    """An argparse type: a picture's file name, whose extension is a format matplotlib writes."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder: give a file name, such as {path / 'figure.png'}")
+    if path.suffix.lower().lstrip(".") not in FIGURE_FORMATS:
+        raise argparse.ArgumentTypeError(f"{path}: end the name with .png, .pdf or .svg (the format to draw in)")
+    folder(str(path.parent))
+    return str(path)
+
+
 def run_cli(main: Callable[[], object]) -> None:
     """Run a script's main(): expected errors become `error: ...` on stderr and exit status 2.
 
@@ -102,15 +169,15 @@ def start_processes(timeout: float, device: torch.device | str | None = None) ->
     ("cpu" or "cuda") chooses instead of the GPUs' presence (bench.py --device, the CPU tests on a GPU host).
     `timeout` (seconds) bounds every wait for another rank, so a rank that hangs or dies stops the others.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = environment_int("WORLD_SIZE", 1)
     if world == 1 or (dist.is_available() and dist.is_initialized()):
         return get_device(device)
     if not dist.is_available():
         raise PipelineError("this torch build has no torch.distributed: run one process (python, not torchrun)")
-    try:
-        rank, host, port = int(os.environ["RANK"]), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    except KeyError as e:
-        raise PipelineError(f"WORLD_SIZE is set but {e.args[0]} is not: start the processes with torchrun") from None
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise PipelineError(f"WORLD_SIZE is set but {missing[0]} is not: start the processes with torchrun")
+    rank, host, port = environment_int("RANK", 0), os.environ["MASTER_ADDR"], environment_int("MASTER_PORT", 0)
     wait = timedelta(seconds=timeout)
     device = get_device(device)
     # torchrun's agent hosts the rendezvous store; processes started by hand (the tests) let rank 0 host it.
@@ -126,6 +193,17 @@ def start_processes(timeout: float, device: torch.device | str | None = None) ->
         raise PipelineError(f"rank {rank} could not join the other processes at {host}:{port}: {first}") from None
     influence_distributed.remember_store(dist.PrefixStore("influence", store), wait)
     return device
+
+
+def environment_int(name: str, default: int) -> int:
+    """An integer from the environment (torchrun's WORLD_SIZE, RANK...), or a one-line error naming it."""
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise PipelineError(
+            f"{name}={text!r} is not an integer: unset it, or start the processes with torchrun"
+        ) from None
 
 
 def end_processes(success: bool) -> bool:
@@ -145,10 +223,66 @@ def end_processes(success: bool) -> bool:
 def add_process_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dist_timeout",
-        type=float,
+        type=POSITIVE,
         default=600.0,
         help="under torchrun: seconds a process waits for another before it stops with an error (default 600)",
     )
+
+
+# ---- bf16 on the CPU ----
+
+
+def cpu_bf16_units(flags: str | None = None) -> str | None:
+    """The CPU's bf16 product units, from its feature flags (/proc/cpuinfo's `flags` or `Features` words): "AMX"
+    (amx_bf16: Intel Xeon since Sapphire Rapids), "AVX-512 BF16" (avx512_bf16: AMD since Zen 4, Intel Cooper Lake),
+    "Arm BF16" (bf16: Armv8.6), or None, where torch emulates bf16 products in fp32 and they run slower than fp32.
+    Without /proc/cpuinfo (macOS, Windows) torch's own x86 checks answer."""
+    if flags is None:
+        flags = _cpu_flags()
+    if flags is None:
+        if torch.cpu._is_amx_tile_supported():
+            return "AMX"
+        return "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() else None
+    words = set(flags.lower().split())
+    for flag, units in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("bf16", "Arm BF16")):
+        if flag in words:
+            return units
+    return None
+
+
+def cpu_info_lines() -> list[str]:
+    """/proc/cpuinfo's lines, or none where there is no such file (macOS, Windows)."""
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _cpu_flags() -> str | None:
+    found = [line.split(":", 1)[1] for line in cpu_info_lines() if line.split(":")[0].strip() in ("flags", "Features")]
+    return found[0] if found else None
+
+
+def bf16_hardware_note() -> str:
+    """What bf16 costs on this machine, for the help of --use_half_precision."""
+    if torch.cuda.is_available():
+        return "this machine's GPU: " + ("bf16 units" if torch.cuda.is_bf16_supported() else "no bf16 units")
+    units = cpu_bf16_units()
+    return f"this CPU has {units} units" if units else "this CPU has no bf16 units: emulated, slower than fp32"
+
+
+def emulated_bf16_note(device: torch.device, half: bool, units: str | None = "unknown") -> str | None:
+    """The one line said when bf16 is asked for on a CPU that emulates it, else None."""
+    units = cpu_bf16_units() if units == "unknown" else units
+    if not half or device.type != "cpu" or units is not None:
+        return None
+    return "note: this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 is emulated and slower than fp32 here"
+
+
+def say_if_bf16_is_emulated(device: torch.device, half: bool) -> None:
+    note = emulated_bf16_note(device, half)
+    if note is not None and is_main():
+        print(note, file=sys.stderr, flush=True)
 
 
 # ---- Memory ----
@@ -185,13 +319,17 @@ def add_data_flags(parser: argparse.ArgumentParser, num_train: bool = False) -> 
     parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/ (default ./data)")
     if num_train:
         parser.add_argument(
-            "--num_train", type=int, default=None, help="use the first N training examples (default: all 50,000)"
+            "--num_train",
+            type=POSITIVE_INT,
+            default=None,
+            help="use the first N training examples (default: all 50,000)",
         )
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint_dir",
+        type=folder,
         default="./checkpoints",
         help="folder of the trained checkpoints, created by train.py if missing (default ./checkpoints)",
     )
@@ -201,7 +339,7 @@ def add_label_flags(parser: argparse.ArgumentParser, corrupt_percentage: float |
     """The training labels a checkpoint was trained on, which also pick its file in --checkpoint_dir."""
     parser.add_argument(
         "--corrupt_percentage",
-        type=float,
+        type=fraction,
         default=corrupt_percentage,
         help="fraction p of training labels corrupted: train.py gives the first ceil(p*N) examples a wrong label "
         f"and saves model_corrupt_{{p}}.safetensors (default {corrupt_percentage})",
@@ -219,7 +357,9 @@ def add_label_flags(parser: argparse.ArgumentParser, corrupt_percentage: float |
 
 def add_results_flags(parser: argparse.ArgumentParser) -> None:
     """Where factors and scores are, and which: the flags of the scripts that compute them and of those that read."""
-    parser.add_argument("--output_dir", default="./influence_results", help="where factors and scores are saved")
+    parser.add_argument(
+        "--output_dir", type=folder, default="./influence_results", help="where factors and scores are saved"
+    )
     parser.add_argument(
         "--factor_strategy",
         default="ekfac",
@@ -233,8 +373,8 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--use_half_precision",
         action="store_true",
-        help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half); "
-        f"without it {FP32_POLICY}",
+        help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half; "
+        f"{bf16_hardware_note()}); without it {FP32_POLICY}",
     )
     parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
     parser.add_argument(
@@ -258,10 +398,10 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="fit factors with the dataset labels instead of labels sampled from the model",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the label sampling for the true Fisher")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the label sampling for the true Fisher")
     parser.add_argument(
         "--save_interval",
-        type=float,
+        type=NON_NEGATIVE,
         default=120.0,
         help="seconds between saves of a pass's partial results, from which a killed run resumes (default 120)",
     )
@@ -275,8 +415,8 @@ def parse_damping(text: str) -> float | None:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'heuristic', got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"damping must be >= 0, got {text}")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"damping must be a finite number >= 0 or 'heuristic', got {text}")
     return value
 
 
@@ -287,6 +427,7 @@ def start_influence_run(args: argparse.Namespace, *sizes: str) -> torch.device:
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
     args.train_batch_size = train_batch_size(args, device)
+    say_if_bf16_is_emulated(device, args.use_half_precision)
     return device
 
 

@@ -52,6 +52,7 @@ def parse_args(argv=None):
     cli.add_label_flags(parser, corrupt_percentage=0.1)
     parser.add_argument(
         "--figure",
+        type=cli.figure_file,
         default=None,
         help="where to draw the detection curves (default figure/mislabel.png, or "
         "figure/mislabel_noisy_<key>.png with --noisy_labels)",

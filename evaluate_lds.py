@@ -59,7 +59,7 @@ from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments
 from influence.storage import first_difference, save_tensors, write_atomically
 from pipeline import CifarData, ClassificationTask, PipelineError, TensorBatches, get_cifar10, load_model, save_model
 from pipeline import evaluate as evaluate_model
-from recipe import add_recipe_flags, check_recipe_flags, recipe_of, train_model
+from recipe import add_recipe_flags, recipe_of, train_model
 
 DEFAULT_DAMPING = 1e-8  # analyze.py's
 
@@ -101,7 +101,6 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true", help="print the engine's timing table")
     add_process_flags(parser)
     args = parser.parse_args(argv)
-    check_recipe_flags(parser, args)
     for name in ("num_train", "num_queries", "num_subsets", "seeds_per_subset", "eval_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from cli import ArgumentParser, add_results_flags, results_store, run_cli, save_figure, subplots
+from cli import ArgumentParser, add_results_flags, figure_file, results_store, run_cli, save_figure, subplots
 from influence.storage import PAIRWISE_SCORES, load_tensors
 from pipeline import PipelineError
 
@@ -23,7 +23,9 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_results_flags(parser)
     parser.add_argument("--query_index", type=int, default=0, help="query whose scores are drawn")
-    parser.add_argument("--figure", default="figure/half_precision.png", help="where to draw the scatter plot")
+    parser.add_argument(
+        "--figure", type=figure_file, default="figure/half_precision.png", help="where to draw the scatter plot"
+    )
     return parser.parse_args(argv)
 
 

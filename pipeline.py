@@ -44,6 +44,8 @@ def get_device(requested: torch.device | str | None = None) -> torch.device:
     kind = torch.device(requested).type if requested is not None else "cuda" if torch.cuda.is_available() else "cpu"
     if kind != "cuda":
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise PipelineError("a GPU was asked for but torch sees none: use --device cpu, or a torch build with CUDA")
     if "LOCAL_RANK" not in os.environ:
         return torch.device(requested if requested is not None else "cuda")
     local_rank = int(os.environ["LOCAL_RANK"])

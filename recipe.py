@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli import FP32_POLICY
+from cli import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, bf16_hardware_note, seed
 from influence import interrupt
 from influence.storage import first_difference
 from pipeline import CifarData, PipelineError, TensorBatches, construct_resnet9
@@ -57,32 +57,30 @@ RUN_FLAGS = (
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     """The recipe's flags, with the original example's defaults."""
     group = parser.add_argument_group("training recipe")
-    group.add_argument("--train_batch_size", type=int, default=512)
-    group.add_argument("--learning_rate", type=float, default=0.4, help="peak learning rate (default: 0.4)")
-    group.add_argument("--weight_decay", type=float, default=0.001)
-    group.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0, plain SGD)")
-    group.add_argument("--num_train_epochs", type=int, default=25)
-    group.add_argument("--seed", type=int, default=1004, help="initial weights, batch order and augmentation")
+    group.add_argument("--train_batch_size", type=POSITIVE_INT, default=512, help="SGD batch (default 512)")
+    group.add_argument("--learning_rate", type=NON_NEGATIVE, default=0.4, help="peak learning rate (default 0.4)")
+    group.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.001, help="weight decay (default 0.001)")
+    group.add_argument("--momentum", type=NON_NEGATIVE, default=0.0, help="SGD momentum (default 0, plain SGD)")
+    group.add_argument("--num_train_epochs", type=POSITIVE_INT, default=25, help="epochs (default 25)")
     group.add_argument(
-        "--use_half_precision", action="store_true", help=f"bf16 autocast for forward passes; without it {FP32_POLICY}"
+        "--seed", type=seed, default=1004, help="initial weights, batch order and augmentation (default 1004)"
     )
-    group.add_argument("--use_channels_last", action="store_true", help="channels-last memory format (GPU speed)")
+    group.add_argument(
+        "--use_half_precision",
+        action="store_true",
+        help=f"bf16 autocast for forward passes ({bf16_hardware_note()}); without it {FP32_POLICY}",
+    )
+    group.add_argument(
+        "--use_channels_last",
+        action="store_true",
+        help="channels-last memory format (faster on GPUs, and on CPUs with bf16 units)",
+    )
     group.add_argument(
         "--save_interval",
-        type=float,
+        type=NON_NEGATIVE,
         default=120.0,
         help="seconds between saves of the training state, from which a stopped run resumes (default 120)",
     )
-
-
-def check_recipe_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("train_batch_size", "num_train_epochs"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.save_interval < 0:
-        parser.error(f"--save_interval must not be negative, got {args.save_interval}")
-    if args.learning_rate < 0 or args.weight_decay < 0 or args.momentum < 0:
-        parser.error("--learning_rate, --weight_decay and --momentum must not be negative")
 
 
 def recipe_of(args: argparse.Namespace) -> dict:

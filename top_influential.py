@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 
 from cli import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
     ArgumentParser,
     add_data_flags,
     add_results_flags,
+    figure_file,
     results_name,
     results_store,
     run_cli,
@@ -32,9 +35,13 @@ def parse_args(argv=None):
     add_data_flags(parser)
     add_results_flags(parser)
     parser.add_argument("--use_half_precision", action="store_true", help="read the bf16 scores")
-    parser.add_argument("--queries", type=int, nargs="+", default=[0, 1, 2, 3], help="query indices to show")
-    parser.add_argument("--top_k", type=int, default=5, help="helpful and harmful images per query")
-    parser.add_argument("--figure", default="figure/top_influential.png", help="where to draw the picture")
+    parser.add_argument(
+        "--queries", type=NON_NEGATIVE_INT, nargs="+", default=[0, 1, 2, 3], help="query indices to show"
+    )
+    parser.add_argument("--top_k", type=POSITIVE_INT, default=5, help="helpful and harmful images per query")
+    parser.add_argument(
+        "--figure", type=figure_file, default="figure/top_influential.png", help="where to draw the picture"
+    )
     return parser.parse_args(argv)
 
 

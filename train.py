@@ -36,6 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cli import (
+    POSITIVE_INT,
     ArgumentParser,
     add_checkpoint_flags,
     add_data_flags,
@@ -44,11 +45,20 @@ from cli import (
     is_main,
     keep_freed_memory,
     run_cli,
+    say_if_bf16_is_emulated,
     start_processes,
 )
 from influence.distributed import Group
-from pipeline import TensorBatches, check_label_options, checkpoint_path, evaluate, get_cifar10, save_model
-from recipe import add_recipe_flags, check_recipe_flags, train_model
+from pipeline import (
+    PipelineError,
+    TensorBatches,
+    check_label_options,
+    checkpoint_path,
+    evaluate,
+    get_cifar10,
+    save_model,
+)
+from recipe import add_recipe_flags, train_model
 from train_state import partial_path
 
 # ---- Arguments ----
@@ -59,17 +69,19 @@ def parse_args(argv=None):
     add_data_flags(parser, num_train=True)
     add_checkpoint_flags(parser)
     add_label_flags(parser)
-    parser.add_argument("--eval_batch_size", type=int, default=1024)
     parser.add_argument(
-        "--num_test", type=int, default=None, help="report test accuracy on the first N test images (default: all)"
+        "--eval_batch_size", type=POSITIVE_INT, default=1024, help="images per evaluation batch (default 1024)"
+    )
+    parser.add_argument(
+        "--num_test",
+        type=POSITIVE_INT,
+        default=None,
+        help="report test accuracy on the first N test images (default: all)",
     )
     add_recipe_flags(parser)  # the recipe (recipe.py), shared with evaluate_lds.py's retrainings
     add_process_flags(parser)
     args = parser.parse_args(argv)
 
-    if args.eval_batch_size < 1:
-        parser.error(f"--eval_batch_size must be positive, got {args.eval_batch_size}")
-    check_recipe_flags(parser, args)
     check_label_options(args.corrupt_percentage, args.noisy_labels)
     return args
 
@@ -86,11 +98,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
+    say_if_bf16_is_emulated(device, args.use_half_precision)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     out_path = checkpoint_path(
         args.checkpoint_dir, args.corrupt_percentage, args.noisy_labels_key if args.noisy_labels else None
     )
 
+    if out_path.is_dir():
+        raise PipelineError(f"{out_path} is a folder, where the checkpoint goes: remove it or choose another folder")
     common = dict(
         num_train=args.num_train,
         corrupt_percentage=args.corrupt_percentage,

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, run_cli
+from cli import ArgumentParser, folder, run_cli
 from pipeline import PipelineError
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
@@ -111,13 +111,14 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--out_dir",
+        type=folder,
         default=None,
         help="where checkpoints/, influence_results/, figures/ and logs/ go (default ./walkthrough/<scale>)",
     )
     parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
     args = parser.parse_args(argv)
-    args.out_dir = Path(args.out_dir or f"./walkthrough/{args.scale}").expanduser()
+    args.out_dir = Path(args.out_dir or f"./walkthrough/{args.scale}")
     return args
 
 

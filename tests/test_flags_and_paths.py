@@ -1,0 +1,179 @@
+"""Bad flags and bad paths are one line and exit 2 before any work starts; bf16 units are read off the CPU flags;
+the walk-through passes a stop on to its step and reruns a step whose command changed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_scripts import REPO_ROOT, run
+
+import cli
+
+# ---- Flags and paths: one line, exit 2, nothing written ----
+
+BAD_FLAGS = [
+    ("analyze.py", ["--damping_factor", "inf"], "damping must be a finite number"),
+    ("analyze.py", ["--save_interval", "nan"], "--save_interval: expected a finite number >= 0"),
+    ("analyze.py", ["--save_interval", "-1"], "--save_interval: expected a finite number >= 0"),
+    ("analyze.py", ["--dist_timeout", "nan"], "--dist_timeout: expected a finite number > 0"),
+    ("analyze.py", ["--seed", str(2**70)], "a seed must be below 2**63"),
+    ("analyze.py", ["--num_train", "0"], "--num_train: expected an integer > 0"),
+    ("train.py", ["--learning_rate", "nan"], "--learning_rate: expected a finite number >= 0"),
+    ("train.py", ["--weight_decay", "nan"], "--weight_decay: expected a finite number >= 0"),
+    ("train.py", ["--seed", str(2**70)], "a seed must be below 2**63"),
+    ("train.py", ["--train_batch_size", "0"], "--train_batch_size: expected an integer > 0"),
+    ("train.py", ["--corrupt_percentage", "1.0"], "expected a fraction between 0 and 1"),
+    ("detect_mislabeled_dataset.py", ["--corrupt_percentage", "1.0"], "expected a fraction between 0 and 1"),
+    ("top_influential.py", ["--top_k", "-1"], "--top_k: expected an integer > 0"),
+    ("top_influential.py", ["--queries", "-3"], "--queries: expected an integer >= 0"),
+    ("bench.py", ["--num_train", "0"], "--num_train: expected an integer > 0"),
+    ("bench.py", ["--query_batch_size", "-2"], "--query_batch_size: expected an integer > 0"),
+    ("bench.py", ["--device", "tpu"], "invalid choice: 'tpu'"),
+]
+
+
+def one_line_error(result) -> str:
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+@pytest.mark.parametrize("script, args, message", BAD_FLAGS, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD_FLAGS])
+def test_bad_flag_values_are_one_line(script, args, message):
+    assert message in one_line_error(run(script, *args, expect=2))
+
+
+def test_world_size_that_is_not_a_number_is_one_line(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert "WORLD_SIZE='two' is not an integer" in one_line_error(run("train.py", "--num_train", "8", expect=2))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU where there is none")
+def test_bench_on_a_missing_gpu_is_one_line():
+    assert "a GPU was asked for but torch sees none" in one_line_error(run("bench.py", "--device", "cuda", expect=2))
+
+
+def test_paths_in_the_way_are_refused_before_any_work(tmp_path, fake_cifar_dir):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    data = ["--dataset_dir", str(fake_cifar_dir), "--num_train", "8", "--num_train_epochs", "1"]
+    cases = [
+        ("train.py", [*data, "--checkpoint_dir", str(a_file)], "is a file, not a folder"),
+        ("train.py", [*data, "--checkpoint_dir", str(a_file / "below")], "is a file, not a folder"),
+        ("analyze.py", [*data, "--output_dir", str(a_file)], "is a file, not a folder"),
+        ("top_influential.py", ["--figure", str(tmp_path)], "is a folder: give a file name"),
+        ("top_influential.py", ["--figure", str(tmp_path / "picture.pgn")], "end the name with .png"),
+        ("half_precision_analysis.py", ["--figure", str(a_file / "f.png")], "is a file, not a folder"),
+        ("walkthrough.py", ["--scale", "demo", "--out_dir", str(a_file)], "is a file, not a folder"),
+    ]
+    for script, args, message in cases:
+        assert message in one_line_error(run(script, *args, expect=2)), (script, args)
+    # A folder where the checkpoint file goes is refused before training, not after it.
+    (tmp_path / "ckpt" / "model.safetensors").mkdir(parents=True)
+    started = time.monotonic()
+    result = run("train.py", *data, "--checkpoint_dir", str(tmp_path / "ckpt"), expect=2)
+    assert "model.safetensors is a folder" in one_line_error(result) and time.monotonic() - started < 10
+
+
+# ---- bf16 units ----
+
+
+@pytest.mark.parametrize(
+    "flags, units",
+    [
+        ("fpu sse2 avx2 fma avx512f avx512bw amx_bf16 amx_tile avx512_bf16", "AMX"),  # Sapphire Rapids
+        ("fpu sse2 avx2 fma avx512f avx512bw avx512_bf16 avx512_vnni", "AVX-512 BF16"),  # AMD Zen 4
+        ("fpu sse2 avx2 fma avx512f avx512bw avx512_vnni", None),  # Skylake/Ice Lake: AVX-512, no bf16
+        ("fpu sse2 avx2 fma", None),  # AVX2 only
+        ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics bf16 i8mm", "Arm BF16"),  # Armv8.6 Features line
+        ("fp asimd evtstrm aes pmull", None),
+    ],
+)
+def test_bf16_units_from_cpu_flags(flags, units):
+    assert cli.cpu_bf16_units(flags) == units
+
+
+def test_emulated_bf16_is_said_in_one_line():
+    cpu = torch.device("cpu")
+    note = cli.emulated_bf16_note(cpu, half=True, units=None)
+    assert note.startswith("note: this CPU has no bf16 units") and "\n" not in note and "emulated" in note
+    assert cli.emulated_bf16_note(cpu, half=True, units="AMX") is None
+    assert cli.emulated_bf16_note(cpu, half=False, units=None) is None
+    assert cli.emulated_bf16_note(torch.device("cuda"), half=True, units=None) is None
+
+
+# ---- The walk-through's steps ----
+
+STEP = """
+import signal, sys, time
+from pathlib import Path
+def save(signum, frame):
+    Path(sys.argv[1]).write_text("saved")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, save)
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stop_reaches_the_running_step_and_the_walkthrough_waits_for_it(tmp_path):
+    saved = tmp_path / "saved"
+    (tmp_path / "step.py").write_text(STEP)
+    parent = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        import walkthrough
+        from cli import run_cli
+        run_cli(lambda: walkthrough.run_step("step", [sys.executable, {str(tmp_path / "step.py")!r},
+            {str(saved)!r}], {{}}, Path({str(tmp_path)!r}), "the step"))
+        """)
+    process = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "step.log"
+    deadline = time.monotonic() + 30
+    while "started" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == 2, (out, err)
+    assert err == "error: stopped during step step, which saved its progress: run the same command again\n"
+    assert saved.read_text() == "saved"  # the step got the signal and saved before the walk-through left
+    assert not (tmp_path / "step.done").exists()
+
+
+def test_a_step_runs_again_when_its_command_changed(tmp_path):
+    import walkthrough
+
+    marker = tmp_path / "train.done"
+    marker.write_text("12.0 1.50\npython train.py --num_train 8\n")
+    assert walkthrough.finished_before(marker, "python train.py --num_train 8") is None  # no log beside it
+    (tmp_path / "train.log").write_text("$ python train.py --num_train 8\n")
+    assert walkthrough.finished_before(marker, "python train.py --num_train 8") == (12.0, 1.5)
+    assert walkthrough.finished_before(marker, "python train.py --num_train 16") is None
+    marker.write_text("12.0 1.50\n")  # a marker from before markers named their command
+    assert walkthrough.finished_before(marker, "python train.py --num_train 8") is None
+
+
+def test_walkthrough_writes_nothing_under_tracked_paths(tmp_path):
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.split()
+    tracked_folders = {str(Path(name).parent) for name in tracked} - {"."}
+    for scale in ("demo", "cpu", "full"):
+        plan = run("walkthrough.py", "--scale", scale, "--dry_run").stdout
+        written = [
+            word
+            for line in plan.splitlines()
+            for flag, word in zip(line.split()[:-1], line.split()[1:], strict=True)
+            if flag in ("--figure", "--output_dir", "--checkpoint_dir")
+        ]
+        assert written, scale
+        for path in written:
+            resolved = os.path.relpath((REPO_ROOT / path).resolve(), REPO_ROOT)
+            assert resolved.startswith(f"walkthrough{os.sep}{scale}"), (scale, path)
+            assert not any(resolved.startswith(folder + os.sep) for folder in tracked_folders), (scale, path)
