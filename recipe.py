@@ -73,7 +73,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--use_channels_last",
         action="store_true",
-        help="channels-last memory format (faster on GPUs, and on CPUs with bf16 units)",
+        help="channels-last memory format (faster on GPUs, and on the CPUs measured in docs/performance.md)",
     )
     group.add_argument(
         "--save_interval",
@@ -209,7 +209,7 @@ def train_model(
         for epoch in range(start_epoch, epochs):
             # Summed on the device: reading the loss every step would make the host wait for the GPU every step.
             epoch_loss, epoch_count = torch.zeros((), device=device), 0
-            skip = 0
+            skip, seen, epoch_start = 0, 0, time.time()
             if epoch == start_epoch and resumed_loss is not None:
                 epoch_loss, epoch_count, skip = resumed_loss, resumed_count, start_step
             progress = tqdm(
@@ -227,6 +227,7 @@ def train_model(
                 scheduler.step()
                 epoch_loss += loss.detach().float() * len(y)
                 epoch_count += len(y)
+                seen += len(y)
                 if step % 20 == 0 and verbose:
                     progress.set_postfix(loss=f"{loss.item():.3f}")
                 wanted = time.monotonic() - last_save >= args.save_interval
@@ -244,7 +245,11 @@ def train_model(
                 raise PipelineError(
                     f"training diverged at epoch {epoch + 1} (loss {epoch_loss}); lower --learning_rate"
                 )
-            say(f"epoch {epoch + 1}: train loss {epoch_loss / epoch_count:.4f} ({time.time() - start:.1f} s)")
+            rate = seen * world / max(time.time() - epoch_start, 1e-9)  # every rank trains its share of a batch
+            say(
+                f"epoch {epoch + 1}: train loss {epoch_loss / epoch_count:.4f} ({time.time() - start:.1f} s, "
+                f"{rate:.0f} images/s)"
+            )
 
         # The trained weights stay saved as a training state until the caller has saved its result, so a stop
         # during what follows (evaluation, margins) loses no training.
