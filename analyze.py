@@ -9,10 +9,11 @@ Full job (GPU), in fp32 then in bf16 (saved as scores_ekfac_half):
     python analyze.py --query_batch_size 1000 --dataset_dir ./data --checkpoint_dir ./checkpoints \
         --factor_strategy ekfac --use_half_precision --profile
 CPU-sized, after the CPU-sized train.py (see train.py):
-    python analyze.py --dataset_dir ./data --checkpoint_dir ./checkpoints --factor_strategy ekfac \
-        --num_train 2000 --num_queries 100 --query_batch_size 100 --profile
+    python analyze.py --dataset_dir ./data --checkpoint_dir ./checkpoints/cpu --output_dir ./influence_results/cpu \
+        --factor_strategy ekfac --num_train 2000 --num_queries 100 --query_batch_size 100 --profile
 Several processes (GPUs, or CPU processes), same results:
-    torchrun --nproc_per_node=2 analyze.py --dataset_dir ./data --checkpoint_dir ./checkpoints --num_train 2000
+    torchrun --nproc_per_node=2 analyze.py --dataset_dir ./data --checkpoint_dir ./checkpoints/cpu \
+        --output_dir ./influence_results/cpu --num_train 2000
 A killed run resumes where it stopped when started again with the same arguments.
 """
 

@@ -11,14 +11,16 @@ Full job (GPU), after the full train.py --corrupt_percentage 0.1:
     python detect_mislabeled_dataset.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
         --corrupt_percentage 0.1 --factor_strategy ekfac --profile
 CPU-sized, after the CPU-sized train.py --corrupt_percentage 0.1 (see train.py):
-    python detect_mislabeled_dataset.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
-        --corrupt_percentage 0.1 --factor_strategy ekfac --num_train 2000 --profile
+    python detect_mislabeled_dataset.py --dataset_dir ./data --checkpoint_dir ./checkpoints/cpu \
+        --output_dir ./influence_results/cpu --corrupt_percentage 0.1 --factor_strategy ekfac --num_train 2000 \
+        --figure figure/mislabel_cpu.png --profile
 Real annotation mistakes (CIFAR-10N's CIFAR-10_human.pt, https://github.com/UCSC-REAL/cifar-10-100n), after
 train.py with the same --noisy_labels and --noisy_labels_key:
     python detect_mislabeled_dataset.py --noisy_labels CIFAR-10_human.pt --noisy_labels_key aggre_label \
         --factor_strategy ekfac
 Several processes, same results:
-    torchrun --nproc_per_node=2 detect_mislabeled_dataset.py --num_train 2000 --corrupt_percentage 0.1
+    torchrun --nproc_per_node=2 detect_mislabeled_dataset.py --checkpoint_dir ./checkpoints/cpu \
+        --output_dir ./influence_results/cpu --num_train 2000 --corrupt_percentage 0.1 --figure figure/mislabel_cpu.png
 """
 
 from __future__ import annotations

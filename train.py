@@ -10,15 +10,16 @@ labels corrupted (the defaults are the original's):
 
 CPU-sized run (about 15 minutes on 2 cores; the model fits its 2,000 labels), clean and corrupted:
 
-    python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
+    python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints/cpu \
         --num_train 2000 --train_batch_size 32 --num_train_epochs 35
-    python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints \
+    python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints/cpu \
         --num_train 2000 --train_batch_size 32 --num_train_epochs 35 --corrupt_percentage 0.1
 
 Several processes (one per GPU, or CPU processes), data-parallel; each step's batch of --train_batch_size is
 split across them, and rank 0 evaluates and writes the checkpoint:
 
-    torchrun --nproc_per_node=2 train.py --num_train 2000 --train_batch_size 32 --num_train_epochs 35
+    torchrun --nproc_per_node=2 train.py --checkpoint_dir ./checkpoints/cpu --num_train 2000 --train_batch_size 32 \
+        --num_train_epochs 35
 
 Writes {checkpoint_dir}/model.safetensors, model_corrupt_{p}.safetensors with --corrupt_percentage p, or
 model_noisy_{key}.safetensors with --noisy_labels. An existing checkpoint of the same name is overwritten.

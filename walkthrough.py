@@ -116,6 +116,14 @@ def parse_args(argv=None):
         help="where checkpoints/, influence_results/, figures/ and logs/ go (default ./walkthrough/<scale>)",
     )
     parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="STEP",
+        help="steps not to run, by the names --dry_run prints (e.g. --skip lds: at gpu scale the LDS retrains 200 "
+        "models, hours on one GPU)",
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
     args = parser.parse_args(argv)
     args.out_dir = Path(args.out_dir or f"./walkthrough/{args.scale}")
@@ -300,6 +308,10 @@ def main() -> None:
     check_inputs(args)
     log_dir = args.out_dir / "logs"
     plan = steps(args)
+    unknown = sorted(set(args.skip) - {name for name, _, _ in plan})
+    if unknown:
+        raise PipelineError(f"--skip {' '.join(unknown)}: no such step at scale {args.scale} (--dry_run lists them)")
+    plan = [step for step in plan if step[0] not in args.skip]
     if args.scale != "demo" and args.noisy_labels is None:
         print(f"CIFAR-10N steps skipped: no --noisy_labels ({CIFAR10N_HINT})", file=sys.stderr, flush=True)
     if args.dry_run:

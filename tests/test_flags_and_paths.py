@@ -177,3 +177,11 @@ def test_walkthrough_writes_nothing_under_tracked_paths(tmp_path):
             resolved = os.path.relpath((REPO_ROOT / path).resolve(), REPO_ROOT)
             assert resolved.startswith(f"walkthrough{os.sep}{scale}"), (scale, path)
             assert not any(resolved.startswith(folder + os.sep) for folder in tracked_folders), (scale, path)
+
+
+def test_walkthrough_skips_the_steps_named():
+    plan = run("walkthrough.py", "--scale", "gpu", "--dry_run", "--skip", "lds", "bench_fp32").stdout
+    names = [line.split(":")[0] for line in plan.splitlines()]
+    assert "lds" not in names and "bench_fp32" not in names and "bench_bf16" in names
+    result = run("walkthrough.py", "--scale", "gpu", "--dry_run", "--skip", "ldss", expect=2)
+    assert "--skip ldss: no such step at scale gpu" in one_line_error(result)
