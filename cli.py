@@ -499,6 +499,10 @@ def influence_arguments(args: argparse.Namespace, info: dict) -> tuple[FactorArg
 # ---- Figures ----
 
 
+# How figures and tables name the strategies.
+STRATEGY_NAMES = {"identity": "identity", "diagonal": "diagonal", "kfac": "K-FAC", "ekfac": "EK-FAC"}
+
+
 def subplots(*args, **kwargs):
     """matplotlib's (figure, axes), drawn off-screen (no display needed); save with save_figure."""
     import matplotlib

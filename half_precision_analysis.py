@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import rankdata
 
-from cli import ArgumentParser, add_results_flags, figure_file, results_store, run_cli, save_figure, subplots
+from cli import (
+    STRATEGY_NAMES,
+    ArgumentParser,
+    add_results_flags,
+    figure_file,
+    results_store,
+    run_cli,
+    save_figure,
+    subplots,
+)
 from influence.storage import PAIRWISE_SCORES, load_tensors
 from pipeline import PipelineError
 
@@ -47,7 +56,7 @@ def spearman_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (ra * rb).sum(1) / np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
 
 
-def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, path: Path) -> None:
+def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, path: Path, sizes: str) -> None:
     fig, ax = subplots(figsize=(4.6, 4.4))
     ax.scatter(full, half, s=4, alpha=0.5, edgecolors="none")
     low, high = min(full.min(), half.min()), max(full.max(), half.max())
@@ -55,7 +64,7 @@ def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, pat
     ax.ticklabel_format(style="sci", scilimits=(-3, 3))  # scores run to 1e4..1e6: no overlapping tick labels
     ax.set_xlabel("fp32 influence score")
     ax.set_ylabel("bf16 influence score")
-    ax.set_title(f"bf16 vs fp32 scores of query {query} (Spearman {correlation:.3f})", fontsize=10)
+    ax.set_title(f"{sizes}\nbf16 vs fp32 scores of query {query} (Spearman {correlation:.3f})", fontsize=9)
     ax.legend(loc="upper left")
     save_figure(fig, path)
 
@@ -72,7 +81,9 @@ def main() -> None:
     print(f"Per-query Spearman correlation of bf16 with fp32 scores over {full.shape[0]} queries:")
     print(f"  mean {correlations.mean():.4f}   lowest {correlations.min():.4f}   highest {correlations.max():.4f}")
     query = args.query_index
-    draw(full[query], half[query], correlations[query], query, Path(args.figure))
+    strategy = STRATEGY_NAMES[args.factor_strategy]
+    sizes = f"ResNet-9, {strategy}, {full.shape[0]:,} queries x {full.shape[1]:,} training images"
+    draw(full[query], half[query], correlations[query], query, Path(args.figure), sizes)
     print(f"Figure: {args.figure}")
 
 

@@ -16,6 +16,7 @@ import torch
 from cli import (
     NON_NEGATIVE_INT,
     POSITIVE_INT,
+    STRATEGY_NAMES,
     ArgumentParser,
     add_data_flags,
     add_results_flags,
@@ -45,9 +46,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def draw(rows: list[dict], path: Path, top_k: int) -> None:
+def draw(rows: list[dict], path: Path, top_k: int, heading: str) -> None:
     columns = 1 + 2 * top_k
-    fig, axes = subplots(len(rows), columns, figsize=(1.25 * columns, 1.55 * len(rows)), squeeze=False)
+    fig, axes = subplots(len(rows), columns, figsize=(1.25 * columns, 1.75 * len(rows) + 0.5), squeeze=False)
     for r, row in enumerate(rows):
         cells = [("query", row["query"], row["query_label"], None)]
         cells += [("helpful", img, lab, s) for img, lab, s in row["helpful"]]
@@ -67,9 +68,7 @@ def draw(rows: list[dict], path: Path, top_k: int) -> None:
                 title = {"query": "Query", "helpful": "Most helpful", "harmful": "Most harmful"}[kind]
                 if kind == "query" or c in (1, 1 + top_k):
                     ax.set_title(title, fontsize=8, loc="left")
-    fig.suptitle(
-        "Most influential training images per test query (score = influence on the query's margin)", fontsize=9
-    )
+    fig.suptitle(heading, fontsize=9)
     save_figure(fig, path)
 
 
@@ -96,7 +95,13 @@ def main() -> None:
         for kind, indices in chosen.items():
             row[kind] = [(train.images[i], int(train.labels[i]), scores[q, i].item()) for i in indices.tolist()]
         rows.append(row)
-    draw(rows, Path(args.figure), k)
+    precision = ", bf16" if args.use_half_precision else ""
+    heading = (
+        f"ResNet-9, {STRATEGY_NAMES[args.factor_strategy]}{precision}, {info['num_train']:,} training images: the "
+        f"most helpful and harmful for {len(rows)} of {info['num_queries']:,} test queries\n"
+        "score = rise of the query's margin when the image's loss is up-weighted (a sum over all images, not a mean)"
+    )
+    draw(rows, Path(args.figure), k, heading)
     print(f"Figure: {args.figure}")
 
 

@@ -135,7 +135,9 @@ def test_a_stop_reaches_the_running_step_and_the_walkthrough_waits_for_it(tmp_pa
         run_cli(lambda: walkthrough.run_step("step", [sys.executable, {str(tmp_path / "step.py")!r},
             {str(saved)!r}], {{}}, Path({str(tmp_path)!r}), "the step"))
         """)
-    process = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", parent], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     log = tmp_path / "step.log"
     deadline = time.monotonic() + 30
     while "started" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
