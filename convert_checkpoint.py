@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cli import ArgumentParser, run_cli
-from pipeline import PipelineError, construct_resnet9, load_model, save_model
+from pipeline import PipelineError, check_state, construct_resnet9, save_model
 
 
 def parse_args(argv=None):
@@ -61,14 +61,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     source, target = Path(args.source), Path(args.target)
     state = read_state_dict(source)
+    # The checks load_model makes (keys, shapes, dtypes, finite values), before anything is written.
+    check_state(state, construct_resnet9().state_dict(), source, f"python train.py --checkpoint_dir {target.parent}")
     model = construct_resnet9()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        problems = " ".join(line.strip() for line in str(e).splitlines()[1:])[:300]
-        raise PipelineError(f"{source} does not fit ResNet-9: {problems}") from None
+    model.load_state_dict(state)
     save_model(model, target)
-    load_model(target, "cpu")  # the scripts' own checks of what was written
     print(f"wrote {target} ({len(state)} tensors from {source})")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch import nn
 
 from influence.storage import safetensors_size, write_atomically
 from influence.task import Task
-from label_files import LabelFileError, read_label_arrays
+from label_files import ArraysOnlyUnpickler, LabelFileError, RefusedPickle, read_label_arrays
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
@@ -157,24 +156,89 @@ def load_model(
 ) -> nn.Module:
     """A ResNet-9 with the checkpoint's weights, on `device`, in eval mode.
 
-    `train_command` is the train.py command that writes this checkpoint, shown when it is missing.
+    `train_command` is the train.py command that writes this checkpoint, shown when it is missing or unusable.
     """
     path = Path(path)
     device = torch.device(device) if device is not None else get_device()
+    command = train_command or f"python train.py --checkpoint_dir {path.parent}"
     if not path.is_file():
-        command = train_command or f"python train.py --checkpoint_dir {path.parent}"
         raise PipelineError(f"no checkpoint at {path}: run train.py first: {command}")
     try:  # read on the CPU: the model is built there, and a GPU out of memory is not an unreadable file
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
-        raise PipelineError(f"cannot read checkpoint {path}: {e}") from e
+        raise PipelineError(f"cannot read checkpoint {path}: {_not_safetensors(path, command) or e}") from e
     model = construct_resnet9()
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise PipelineError(f"checkpoint {path} does not fit ResNet-9: {first}") from e
+    check_state(state, model.state_dict(), path, command)
+    model.load_state_dict(state)
     return place_model(model, device)
+
+
+def _not_safetensors(path: Path, command: str) -> str | None:
+    """What a file that safetensors cannot read is instead, when it is plainly not a safetensors file (whose first
+    8 bytes are the header's length, then the JSON header): safetensors itself says only "header too large"."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(9)
+    except OSError:
+        return None
+    if start.startswith(b"PK\x03\x04"):
+        kind = "a zip archive, as torch.save writes"
+    elif len(start) > 1 and start[0] == 0x80 and 2 <= start[1] <= 5:
+        kind = "a pickle, as torch.save (legacy format) or pickle.dump write"
+    elif len(start) < 9 or start[8:9] != b"{":
+        kind = "something else"
+    else:
+        return None
+    # convert_checkpoint.py reads with torch.load(weights_only=True) and writes atomically, so in place is safe.
+    return (
+        f"it is not a safetensors file but {kind}: convert it in place (python convert_checkpoint.py {path} {path}) "
+        f"or retrain it ({command})"
+    )
+
+
+def _few(names: list[str], shown: int = 4) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, command: str) -> None:
+    """Refuse, in one line naming the tensor, a checkpoint that load_state_dict would take but the analyses could
+    not use: other keys or shapes, integer or bool weights (load_state_dict casts them silently, giving all-zero or
+    NaN scores) and NaN or inf values (every pass would turn them into NaN scores or a crash far from the cause)."""
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    shapes = [
+        f"{name} {list(state[name].shape)} (ResNet-9: {list(tensor.shape)})"
+        for name, tensor in expected.items()
+        if name in state and state[name].shape != tensor.shape
+    ]
+    if missing or unexpected or shapes:
+        found = [f"missing {_few(missing)}"] if missing else []
+        found += [f"unexpected {_few(unexpected)}"] if unexpected else []
+        found += [f"other shapes: {_few(shapes, 2)}"] if shapes else []
+        raise PipelineError(
+            f"checkpoint {path} does not fit ResNet-9 ({'; '.join(found)}): it was saved from another model; "
+            f"retrain it: {command}"
+        )
+    for name, tensor in state.items():
+        floating = expected[name].is_floating_point()
+        if tensor.is_floating_point() != floating or tensor.dtype == torch.bool:
+            kind = "floating point" if floating else "an integer"
+            raise PipelineError(
+                f"checkpoint {path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, not {kind}: "
+                f"it was not written by train.py; retrain it: {command}"
+            )
+    # One bool per tensor, so that a whole ResNet-9 is checked in a few milliseconds on the CPU.
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        tensor = state[bad[0]]
+        kind = "NaN" if torch.isnan(tensor).any() else "inf"
+        count = int((~torch.isfinite(tensor)).sum())
+        others = f" (so do {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise PipelineError(
+            f"checkpoint {path}: tensor {bad[0]!r} holds {kind} in {count} of {tensor.numel()} values{others}: "
+            f"the training that wrote it diverged or the file was changed; retrain it: {command}"
+        )
 
 
 def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -191,22 +255,50 @@ def memory_format(device: torch.device) -> torch.memory_format:
 # ---- Data: files ----
 
 
+CIFAR_PICKLE = "only arrays, lists, dicts, strings and numbers are read"
+
+
 def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    # The official CIFAR-10 python format is a pickle; these batch files are the only pickles the project reads.
+    # The official CIFAR-10 python format is a pickle: read with the restricted unpickler of the label files,
+    # which builds containers, strings, numbers and numpy arrays and refuses whatever else the pickle names
+    # before calling it (a pickle naming os.system would otherwise run it).
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-        # The official (Python 2) pickles have bytes keys; copies written by Python 3 have str keys.
-        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-        data = np.asarray(entry["data"], dtype=np.uint8)
-        labels = np.asarray(entry["labels"], dtype=np.int64)
+            # "bytes": the official (Python 2) pickles' strings stay bytes, so their keys are b"data", b"labels".
+            entry = ArraysOnlyUnpickler(f, encoding="bytes", allowed=CIFAR_PICKLE).load()
     except FileNotFoundError as e:
         raise PipelineError(f"missing {path}; to make the data: {MAKE_DATA_HINT}") from e
-    except Exception as e:  # truncated file, wrong format, missing keys
-        raise PipelineError(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {e})") from e
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise PipelineError(f"unexpected CIFAR-10 batch layout in {path}: data {data.shape}, {len(labels)} labels")
-    return data, labels
+    except RefusedPickle as e:
+        raise PipelineError(f"cannot read CIFAR-10 batch {path}: {e}") from None
+    except Exception as e:  # truncated file, not a pickle
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PipelineError(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {first})") from e
+    if not isinstance(entry, dict):
+        raise PipelineError(f"CIFAR-10 batch {path} holds a {type(entry).__name__}, not a dict of data and labels")
+    # The official (Python 2) pickles have bytes keys; copies written by Python 3 have str keys.
+    entry = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+    missing = [key for key in ("data", "labels") if key not in entry]
+    if missing:
+        found = ", ".join(repr(key) for key in entry) or "nothing"
+        raise PipelineError(f"CIFAR-10 batch {path} has no {' or '.join(missing)} entry (it has {found})")
+    try:
+        data, labels = np.asarray(entry["data"]), np.asarray(entry["labels"])
+    except (ValueError, TypeError) as e:  # ragged lists
+        raise PipelineError(f"unexpected CIFAR-10 batch layout in {path}: {str(e).splitlines()[0]}") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not np.issubdtype(data.dtype, np.integer):
+        raise PipelineError(
+            f"unexpected CIFAR-10 batch layout in {path}: data is {data.dtype} {data.shape}, not uint8 images "
+            f"[N, {3 * 32 * 32}]"
+        )
+    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
+        raise PipelineError(
+            f"unexpected CIFAR-10 batch layout in {path}: labels are {labels.dtype} {labels.shape}, not "
+            f"{len(data)} integers (one per image)"
+        )
+    # Only other integer types need the range check (a full uint8 training set would take 0.1 s to scan).
+    if data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255):
+        raise PipelineError(f"pixel values outside 0..255 in CIFAR-10 batch {path}")
+    return data.astype(np.uint8, copy=False), labels.astype(np.int64, copy=False)
 
 
 def load_cifar10_arrays(dataset_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,6 +571,10 @@ class ClassificationTask(Task):
             # The "true Fisher": labels drawn from the model's own predictive distribution.
             with torch.no_grad():
                 probs = torch.softmax(logits.detach().float(), dim=-1)
+                # A row of NaN or inf logits would end in multinomial's long traceback (a device-side assert on a
+                # GPU); drawing its label uniformly instead keeps its loss NaN, so the influence pass stops naming
+                # the layer (influence.passes), with no host-device sync here.
+                probs = torch.where(probs.isfinite().all(dim=-1, keepdim=True), probs, 1.0)
                 y = torch.multinomial(probs, num_samples=1).flatten()
         return F.cross_entropy(logits, y, reduction="sum")
 

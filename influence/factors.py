@@ -53,6 +53,16 @@ class Sums:
         for tensor in self.tensors().values():
             tensor.zero_()
 
+    def finite(self) -> tuple[list[str], torch.Tensor] | None:
+        """One flag per floating sum, on the device, that it holds no NaN or inf, named by its module (read by
+        passes.Loop a batch later). The sums, not the batch's a and g: once non-finite a sum stays so, and one
+        check per sum per batch costs a fraction of the products that fill it."""
+        sums = {key: tensor for key, tensor in self.tensors().items() if tensor.is_floating_point()}
+        if not sums:
+            return None
+        names = [f"module {key.split('/', 1)[-1]!r}" for key in sums]
+        return names, torch.stack([torch.isfinite(tensor).all() for tensor in sums.values()])
+
     def flush(self, group, examples: int) -> None:  # noqa: ARG002 (same call as the score columns')
         """Sum every rank's share into rank 0's (see distributed.Group.sum_to_main)."""
         group.sum_to_main(list(self.tensors().values()))

@@ -17,7 +17,11 @@ run inside another with the same partial file (a query batch's) saves its state 
 outer pass's state, and resumes from it.
 
 States (factors.Sums, Columns, Rows) have tensors(), load(saved), reset(), start_at(examples) and
-flush(group, examples), which sums the ranks' shares of the first `examples` into rank 0.
+flush(group, examples), which sums the ranks' shares of the first `examples` into rank 0, and finite(): after
+each batch, (names, one bool per name on the device) saying which of the state's layers are free of NaN and inf.
+The loop reads a batch's flags one batch later, and before any save: a NaN or inf stops the pass in one line
+naming the layer, before it reaches a file, and reading the flags late keeps the host from waiting for the
+device after every batch.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class _Run:
     outer: _Run | None
     sizes: list[int] = field(default_factory=list)  # sizes of the batches done (known on every rank)
     block: tuple | None = None  # rank 0: the saved state of the pass that runs inside this one, when resuming
+    unread: tuple | None = None  # (batch index, names, flags) of this rank's last batch, not yet read
 
 
 class _Restart(Exception):
@@ -157,6 +162,7 @@ class Loop:
         job = run.job
         world, rank = (self.group.world, self.group.rank) if job.split else (1, 0)
         sizes = run.sizes = []
+        run.unread = None
         offset = 0
         last_save = time.monotonic()
         total = len(job.data) if hasattr(job.data, "__len__") else None
@@ -173,6 +179,9 @@ class Loop:
                         raise _Restart
                 elif (index - first) % world == rank:
                     job.run_batch(index, offset, batch, count)
+                    flags = job.state.finite()
+                    self._check(run)  # the previous batch's flags: this batch's work is queued meanwhile
+                    run.unread = (index, *flags) if flags is not None else None
                 offset += count
                 sizes.append(count)
                 if index < first:
@@ -188,15 +197,35 @@ class Loop:
                     if saving:
                         self._save(run)
                         last_save = time.monotonic()
+        self._check(run)
         if first > len(sizes):
             raise _Restart
         if not sizes:
             raise InfluenceError(job.empty or f"{job.desc}: the dataset yielded no batch")
         return sizes
 
+    @staticmethod
+    def _check(run: _Run) -> None:
+        """Stop the pass, naming the layers, when this rank's last unread batch left NaN or inf in its state."""
+        if run.unread is None:
+            return
+        index, names, flags = run.unread
+        run.unread = None
+        if bool(flags.all()):  # the one host-device sync of the check, per batch
+            return
+        # A state may hold several sums per layer (covariances of a and g): each layer is named once.
+        bad = list(dict.fromkeys(name for name, finite in zip(names, flags.tolist(), strict=True) if not finite))
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise InfluenceError(
+            f"{run.job.desc}: NaN or inf in {', '.join(bad[:3])}{more} at batch {index + 1}: the model's outputs "
+            "or gradients there are not finite (check its weights, inputs and loss); the pass stopped before "
+            "saving them"
+        )
+
     def _save(self, run: _Run) -> str:
         """Every rank's share of the state onto rank 0, which saves it with the progress; returns what and where."""
         job, sizes = run.job, run.sizes
+        self._check(run)
         job.state.flush(self.group, sum(sizes))
         tensors, progress = job.state.tensors(), {"batches": len(sizes), "sizes": list(sizes)}
         if run.outer is not None:
@@ -229,7 +258,8 @@ class Columns:
     def __init__(
         self, layers: list[Layer], per_module: bool, lead: tuple[int, ...], dtype: torch.dtype, device: torch.device
     ) -> None:
-        self.names = [ALL_MODULES] + ([layer.name for layer in layers] if per_module else [])
+        self.layers = [layer.name for layer in layers]
+        self.names = [ALL_MODULES] + (self.layers if per_module else [])
         self.per_module, self.lead, self.dtype, self.device = per_module, lead, dtype, device
         self.reset()
 
@@ -237,6 +267,7 @@ class Columns:
         self.done = {name: torch.zeros(*self.lead, 0, dtype=self.dtype, device=self.device) for name in self.names}
         self.pending: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.current: dict[str, list[torch.Tensor]] = {}
+        self.flags: tuple[list[str], torch.Tensor] | None = None  # the last batch's, until finite() hands them over
         self.flushed = 0  # examples whose columns are on rank 0 (known to every rank)
 
     def start_at(self, examples: int) -> None:
@@ -249,11 +280,20 @@ class Columns:
 
     def end_batch(self, offset: int) -> None:
         per_module = {name: torch.cat(parts, dim=-1) for name, parts in self.current.items()}
+        if per_module:  # per module, not on the sum, so that a NaN is traced to its layer; in the model's order
+            names = [name for name in self.layers if name in per_module]
+            finite = torch.stack([torch.isfinite(per_module[name]).all() for name in names])
+            self.flags = ([f"module {name!r}" for name in names], finite)
         batch = {ALL_MODULES: sum(per_module.values())}
         if self.per_module:
             batch.update(per_module)
         self.pending.append((offset, batch))
         self.current = {}
+
+    def finite(self) -> tuple[list[str], torch.Tensor] | None:
+        """Which modules' scores of the last batch are free of NaN and inf (see the module's docstring)."""
+        flags, self.flags = self.flags, None
+        return flags
 
     def flush(self, group: Group, examples: int) -> None:
         """Columns up to example `examples` (a prefix every rank has finished) onto rank 0."""
@@ -299,6 +339,10 @@ class Rows:
 
     def flush(self, group: Group, examples: int) -> None:
         pass
+
+    def finite(self) -> None:
+        """Nothing to check: each block comes from a pass over the training data, which checked its columns."""
+        return None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return self.rows

@@ -42,10 +42,14 @@ def test_anything_but_tensors_is_refused_in_one_line(tmp_path):
     state.pop("0.0.weight")
     torch.save(state, tmp_path / "short.pth")
     (tmp_path / "text.pth").write_text("not a checkpoint")
+    state = construct_resnet9().state_dict()
+    state["9.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
     for name, message in (
         ("hostile.pth", "asks for more than tensors"),
         ("list.pth", "holds list, not a dictionary of tensors"),
-        ("short.pth", 'does not fit ResNet-9: Missing key(s) in state_dict: "0.0.weight"'),
+        ("short.pth", "does not fit ResNet-9 (missing 0.0.weight)"),
+        ("nan.pth", "tensor '9.weight' holds NaN"),
         ("text.pth", "is not a state_dict saved by torch.save"),
         ("none.pth", "no file at"),
     ):
