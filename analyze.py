@@ -47,9 +47,15 @@ def main() -> None:
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
     queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
 
-    data_info = {"checkpoint_sha256": cli.file_fingerprint(checkpoint), "num_train": len(train)}
+    # What the results are made from, checked when they are reused: the weights, and the images and labels used.
+    data_info = {
+        "checkpoint_sha256": cli.file_fingerprint(checkpoint),
+        "num_train": len(train),
+        "data_sha256": cli.data_fingerprint(train.images, train.labels),
+    }
     factor_args, score_args = cli.influence_arguments(args, data_info)
-    score_args.info = {**data_info, "num_queries": len(queries)}
+    queries_sha256 = cli.data_fingerprint(queries.images, queries.labels)
+    score_args.info = {**data_info, "num_queries": len(queries), "queries_sha256": queries_sha256}
     name = results_name(args.factor_strategy, args.use_half_precision)
 
     analyzer = cli.make_analyzer("cifar10", model, args)
@@ -63,6 +69,7 @@ def main() -> None:
         score_args,
         overwrite_output_dir=args.overwrite_output_dir,
     )["all_modules"]
+    cli.check_shape(scores, (len(queries), len(train)), analyzer.scores_folder(name))
     if is_main():
         print(f"Scores shape: {tuple(scores.shape)}  ({analyzer.scores_folder(name)})")
         if args.profile:

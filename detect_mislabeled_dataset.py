@@ -25,6 +25,7 @@ Several processes, same results:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +73,24 @@ def parse_args(argv=None):
 # ---- Rankings ----
 
 
-def detection_curve(ranking: torch.Tensor, mislabeled: torch.Tensor, fractions: list[float]) -> list[float]:
-    """Fraction of the mislabeled examples among the first round(f * N) of `ranking`, for each f."""
-    found = torch.cumsum(mislabeled[ranking].double(), 0)
-    total = max(int(mislabeled.sum()), 1)
-    return [found[max(round(f * len(ranking)), 1) - 1].item() / total for f in fractions]
+def detection_curve(scores: np.ndarray, mislabeled: np.ndarray, fractions: list[float]) -> list[float]:
+    """Fraction of the mislabeled examples among the round(f * N) highest `scores`, for each f.
+
+    Tied scores share their places: a cut through a group of equal scores takes that group's mislabeled examples
+    in proportion to the places it takes (the mean over every order of the ties). A sort would keep tied examples
+    in index order, and the corrupted labels are the first examples, so ties would "find" them."""
+    scores, mislabeled = np.asarray(scores, dtype=np.float64), np.asarray(mislabeled, dtype=bool)
+    order = np.argsort(-scores, kind="stable")
+    ranked, hits = scores[order], mislabeled[order].astype(np.int64)
+    n = len(ranked)
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # first place of each group of equal scores
+    sizes = np.diff(np.r_[starts, n])
+    before = np.r_[0, np.cumsum(hits)][starts]  # mislabeled examples ranked above each group
+    inside = np.add.reduceat(hits, starts)
+    inspected = np.array([max(round(f * n), 1) for f in fractions])
+    group = np.searchsorted(starts, inspected - 1, side="right") - 1  # the group holding the last place inspected
+    found = before[group] + inside[group] * (inspected - starts[group]) / sizes[group]
+    return (found / max(int(mislabeled.sum()), 1)).tolist()
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -86,8 +100,22 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         raise PipelineError("the ROC AUC needs both mislabeled and correctly labeled examples")
+    if not np.isfinite(scores).all():
+        raise PipelineError("the ROC AUC needs finite scores")
     ranks = rankdata(scores)  # ties get their average rank
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def degenerate(scores: np.ndarray) -> str | None:
+    """Why `scores` cannot rank the examples (NaN or inf among them, or all equal), or None. Such a ranking would
+    only follow the examples' order, which puts the corrupted labels first."""
+    finite = np.isfinite(scores)
+    if not finite.all():
+        kinds = " and ".join(name for name, bad in (("NaN", np.isnan(scores)), ("inf", np.isinf(scores))) if bad.any())
+        return f"hold {kinds} for {int((~finite).sum())} of {len(scores)} examples"
+    if len(scores) > 1 and scores.min() == scores.max():
+        return f"are all {scores[0]:g}"
+    return None
 
 
 @torch.no_grad()
@@ -160,7 +188,16 @@ def main() -> None:
     if not mislabeled.any():
         raise PipelineError("no training label differs from the dataset's: nothing to detect")
     labels = f"noisy:{Path(args.noisy_labels).name}:{args.noisy_labels_key}" if noisy else f"corrupt:{corrupt}"
-    info = {"checkpoint_sha256": cli.file_fingerprint(checkpoint), "num_train": len(train), "labels": labels}
+    # What the results are made from, checked when they are reused: the weights, the images and the labels used,
+    # and the label file's content (its name alone would let an edited file reuse stale scores).
+    info = {
+        "checkpoint_sha256": cli.file_fingerprint(checkpoint),
+        "num_train": len(train),
+        "labels": labels,
+        "data_sha256": cli.data_fingerprint(train.images, train.labels),
+    }
+    if noisy:
+        info["label_file_sha256"] = cli.file_fingerprint(args.noisy_labels)
     factor_args, score_args = cli.influence_arguments(args, info)
     prefix = f"noisy_{args.noisy_labels_key}_" if noisy else ""
     name = results_name(args.factor_strategy, args.use_half_precision, prefix)
@@ -171,6 +208,7 @@ def main() -> None:
     own = analyzer.compute_self_scores(name, name, batches, score_args, overwrite_output_dir=args.overwrite_output_dir)[
         "all_modules"
     ]
+    cli.check_shape(own, (len(train),), analyzer.scores_folder(name))
     # Every strategy already scored on these exact data and weights gets a column, so runs can be compared.
     rankings: dict[str, np.ndarray] = {}
     for strategy in STRATEGIES:
@@ -186,12 +224,19 @@ def main() -> None:
     rankings["training loss"] = per_example_loss(model, TensorBatches(train, args.train_batch_size)).double().numpy()
     generator = torch.Generator().manual_seed(args.seed)
     rankings["random"] = torch.rand(len(train), generator=generator, dtype=torch.float64).numpy()
+    # Before any table: a ranking that cannot rank is refused (this run's) or left out (an earlier run's column).
+    for label in list(rankings):
+        problem = degenerate(rankings[label])
+        if problem is None:
+            continue
+        if label in (name, "training loss"):
+            hint = "check the checkpoint, or try a smaller --damping_factor or another --factor_strategy"
+            raise PipelineError(f"the {label} scores {problem}: they rank nothing, so no detection is reported; {hint}")
+        print(f"note: leaving out the saved {label} scores, which {problem}", file=sys.stderr)
+        del rankings[label]
 
     truth = mislabeled.numpy()
-    curves = {
-        label: detection_curve(torch.from_numpy(np.argsort(-s, kind="stable")), mislabeled, INSPECTED)
-        for label, s in rankings.items()
-    }
+    curves = {label: detection_curve(s, truth, INSPECTED) for label, s in rankings.items()}
     aucs = {label: roc_auc(s, truth) for label, s in rankings.items()}
     print(f"{int(mislabeled.sum())} of {len(train)} training labels are wrong ({labels}).")
     print("Fraction of mislabeled examples found when inspecting the top fraction of the ranking:")

@@ -46,6 +46,8 @@ from cli import (
     ArgumentParser,
     add_data_flags,
     add_process_flags,
+    check_shape,
+    data_fingerprint,
     file_fingerprint,
     is_main,
     keep_freed_memory,
@@ -127,11 +129,14 @@ def load(path: Path, key: str) -> tuple[torch.Tensor, dict]:
         raise PipelineError(f"cannot read {path} ({type(error).__name__}: {error}): delete it to redo it") from None
 
 
-def settings_of(args: argparse.Namespace, num_train: int, num_queries: int) -> dict:
-    """What makes the retrainings: files made with other settings are never mixed in."""
+def settings_of(args: argparse.Namespace, train: CifarData, queries: CifarData) -> dict:
+    """What makes the retrainings: files made with other settings, or from other images or labels, are never
+    mixed in."""
     return {
-        "num_train": num_train,
-        "num_queries": num_queries,
+        "num_train": len(train),
+        "num_queries": len(queries),
+        "data_sha256": data_fingerprint(train.images, train.labels),
+        "queries_sha256": data_fingerprint(queries.images, queries.labels),
         "alpha": args.alpha,
         "num_subsets": args.num_subsets,
         "seeds_per_subset": args.seeds_per_subset,
@@ -142,6 +147,12 @@ def settings_of(args: argparse.Namespace, num_train: int, num_queries: int) -> d
 def masks_for(out: Path, settings: dict, seed: int) -> torch.Tensor:
     """The subsets, drawn once and saved first (rank 0); a folder holding another run's is refused."""
     path = out / "masks.safetensors"
+    made = [*out.glob("model_full*.safetensors"), *out.glob("units/*.safetensors")]
+    if not path.exists() and made:  # models whose subsets and settings nothing records: never mixed in
+        raise PipelineError(
+            f"{out} holds retrained models but no masks.safetensors saying which settings made them: "
+            "choose another --output_dir, or delete it to start over"
+        )
     if path.exists():
         masks, meta = load(path, "masks")
         difference = first_difference(meta.get("settings", {}), settings)
@@ -279,6 +290,8 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
     # Saved factors and scores are reused only for this model and data (the engine checks these facts).
     info = {"checkpoint_sha256": file_fingerprint(unit_path(out, None)), "num_train": len(train_eval)}
     info["num_queries"] = len(queries)
+    info["data_sha256"] = data_fingerprint(train_eval.images, train_eval.labels)
+    info["queries_sha256"] = data_fingerprint(queries.images, queries.labels)
     found = {}
     for strategy in args.strategies:
         factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=args.use_empirical_fisher, info=info)
@@ -287,6 +300,8 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
             name = strategy if damping == DEFAULT_DAMPING else f"{strategy}_damping_{damping_name(damping)}"
             score_args = ScoreArguments(damping_factor=damping, info=info)
             result = analyzer.compute_pairwise_scores(name, strategy, query_batches, train_batches, score_args)
+            folder = analyzer.scores_folder(name)
+            check_shape(result["all_modules"], (len(queries), len(train_eval)), folder, f"delete {folder} to redo them")
             found[(strategy, damping_name(damping))] = result["all_modules"].float().cpu()
     if args.profile and is_main():
         print(analyzer.profiler.table())
@@ -387,7 +402,7 @@ def main() -> None:
     queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
     if lds.subset_size(len(train), args.alpha) < 1:
         raise PipelineError(f"--alpha {args.alpha} of {len(train)} images leaves the subsets empty")
-    settings = settings_of(args, len(train), len(queries))
+    settings = settings_of(args, train, queries)
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         masks_for(out, settings, args.seed)

@@ -75,6 +75,12 @@ def _needs(strategy: str) -> tuple[bool, bool]:
     return strategy in ("kfac", "ekfac"), strategy in ("ekfac", "diagonal")
 
 
+def _factor_kinds(strategy: str) -> list[str]:
+    """The factor files a strategy leaves on disk, in the order they are made."""
+    eigen, fit_lambda = _needs(strategy)
+    return (list(COVARIANCES) + list(EIGENDECOMPOSITION) if eigen else []) + ([LAMBDA] if eigen or fit_lambda else [])
+
+
 def batch_seed(seed: int, offset: int, count: int) -> int:
     """The RNG seed of the batch of `count` examples starting at example `offset`: the same on any rank."""
     return (seed * 0x9E3779B1 + offset * 0x85EBCA77 + count * 0xC2B2AE3D) % (2**63 - 1)
@@ -216,15 +222,21 @@ class Analyzer:
         args = factor_args or FactorArguments()
         folder = self.factors_folder(factors_name)
         recorded = {**to_dict(args), "modules": [layer.name for layer in self.layers]}
-        self.store.prepare(folder, FACTOR_ARGUMENTS, recorded, "factors", overwrite_output_dir)
-        eigen, fit_lambda = _needs(args.strategy)
-        if eigen:
-            self._fit_covariance(folder, dataset, args)
-            self._perform_eigendecomposition(folder, args)
-        if fit_lambda:
-            self._fit_lambda(folder, dataset, args)
-        with self.profiler.record("Load All Factors"):
-            return self.load_all_factors(factors_name)
+        results = [folder / f"{kind}.safetensors" for kind in _factor_kinds(args.strategy)]
+
+        def claimed() -> Path | None:  # scores that a stopped run was making from these factors
+            return self.store.unfinished_scores(factors_name, to_dict(args))
+
+        with self.store.writing(folder):
+            self.store.prepare(folder, FACTOR_ARGUMENTS, recorded, "factors", overwrite_output_dir, results, claimed)
+            eigen, fit_lambda = _needs(args.strategy)
+            if eigen:
+                self._fit_covariance(folder, dataset, args)
+                self._perform_eigendecomposition(folder, args)
+            if fit_lambda:
+                self._fit_lambda(folder, dataset, args)
+            with self.profiler.record("Load All Factors"):
+                return self.load_all_factors(factors_name)
 
     def _factor_pass(self, job: Pass, step: Callable[..., None], args: FactorArguments, dtype: torch.dtype) -> None:
         """A pass over at most max_examples training examples under the factor arguments' loss."""
@@ -323,12 +335,8 @@ class Analyzer:
         """{factor kind: {module name: tensor}} for every factor file the strategy leaves on disk."""
         args = self.load_factor_arguments(factors_name)
         folder = self.factors_folder(factors_name)
-        eigen, fit_lambda = _needs(args.strategy)
-        kinds = (list(COVARIANCES) + list(EIGENDECOMPOSITION) if eigen else []) + (
-            [LAMBDA] if eigen or fit_lambda else []
-        )
         factors = {}
-        for kind in kinds:
+        for kind in _factor_kinds(args.strategy):
             path = folder / f"{kind}.safetensors"
             missing = (
                 f"factors {factors_name!r} in {folder} are incomplete ({path.name} is missing): "
@@ -374,12 +382,13 @@ class Analyzer:
         preconditioners, factor_args = self._preconditioners(factors_name, args)
         folder = self.scores_folder(scores_name)
         recorded = {**to_dict(args), "factors_name": factors_name, "factor_arguments": factor_args}
-        self.store.prepare(folder, SCORE_ARGUMENTS, recorded, "scores", overwrite)
         path = folder / filename
-        if self.store.exists(path):
-            with self.profiler.record(f"Load {what}"):
-                return self.store.load(path, "cpu")
-        files = compute(path, preconditioners, args)
+        with self.store.writing(folder):
+            self.store.prepare(folder, SCORE_ARGUMENTS, recorded, "scores", overwrite, [path])
+            if self.store.exists(path):
+                with self.profiler.record(f"Load {what}"):
+                    return self.store.load(path, "cpu")
+            files = compute(path, preconditioners, args)
         return self.group.share(files[0][1] if self.group.is_main else None, device="cpu")
 
     def _names(self, per_module: bool) -> list[str]:

@@ -218,7 +218,8 @@ class Loop:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise InfluenceError(
             f"{run.job.desc}: NaN or inf in {', '.join(bad[:3])}{more} at batch {index + 1}: the model's outputs "
-            "or gradients there are not finite (check its weights, inputs and loss); the pass stopped before "
+            "or gradients there are not finite (check its weights, inputs and loss), or the damping is 0 where the "
+            "curvature is 0; the pass stopped before "
             "saving them"
         )
 

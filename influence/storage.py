@@ -8,9 +8,14 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: results folders are then not locked
+    fcntl = None
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -171,28 +176,174 @@ def first_difference(saved: Any, wanted: Any, prefix: str = "") -> tuple[str, An
 
 
 def check_arguments(folder: Path, filename: str, arguments: dict[str, Any], what: str) -> None:
-    """Record `arguments` in folder/filename, or refuse if the folder holds results made with others."""
+    """Record `arguments` in folder/filename, or refuse if the folder holds results made with others, or results
+    that no arguments file describes (their arguments, and so their shapes, cannot be checked)."""
+    prepare_folder(folder, filename, arguments, what, overwrite=False, results=[])
+
+
+def result_files(folder: Path, filename: str) -> list[Path]:
+    """The files of `folder` besides its arguments file `filename` (hidden ones, the lock and temporary files,
+    excluded)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name != filename and not p.name.startswith("."))
+
+
+def prepare_folder(
+    folder: Path,
+    filename: str,
+    arguments: dict[str, Any],
+    what: str,
+    overwrite: bool,
+    results: list[Path],
+    claimed: Callable[[], Path | None] | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Record `arguments` in folder/filename before `what` (factors, scores) is computed there, or decide what
+    the results already there are worth.
+
+    Without `overwrite`: results made with these arguments are reused or resumed; others are refused.
+    With `overwrite`, only what a stopped run with these same arguments left is kept, so that a job whose every
+    run asks to overwrite still resumes after a preemption: the folder is unfinished (some of `results`, the
+    files it ends with, missing), or finished but `claimed()` names results made from it that a stopped run
+    left unfinished. Anything else (other arguments, no readable arguments file, an earlier run's finished
+    results) is discarded. Either way one line says which.
+    """
     path = folder / filename
     wanted = json.loads(json.dumps(arguments))  # tuples become lists, as on disk
+    files = result_files(folder, filename)
+    saved: Any = None
     if path.exists():
-        saved = read_json(path)
-        difference = first_difference(saved, wanted)
-        if difference:
-            key, old, new = difference
+        try:
+            saved = read_json(path)
+        except InfluenceError:
+            if not overwrite:
+                raise
+            saved = None
+            log(f"overwrite_output_dir: discarding the {what} in {folder}: its {filename} is unreadable")
+            files = []
+            clear_folder(folder)
+    elif files:
+        if not overwrite:
             raise InfluenceError(
-                f"{what} in {folder} were saved with {key}={old!r}, now {key}={new!r}: pass "
-                "overwrite_output_dir=True (--overwrite_output_dir) to recompute them, or choose another name"
+                f"{folder} holds {what} ({files[0].name}{' and more' if len(files) > 1 else ''}) but no {filename} "
+                "saying which arguments made them, so they cannot be checked: delete them, or pass "
+                "overwrite_output_dir=True to recompute them"
             )
+        log(f"overwrite_output_dir: discarding the {what} in {folder}: no {filename} says what made them")
+        clear_folder(folder)
+        files = []
+    difference = first_difference(saved, wanted) if saved is not None else None
+    if difference and not overwrite:
+        key, old, new = difference
+        raise InfluenceError(
+            f"{what} in {folder} were saved with {key}={old!r}, now {key}={new!r}: pass "
+            "overwrite_output_dir=True (--overwrite_output_dir) to recompute them, or choose another name"
+        )
+    if not overwrite or not files:
+        if saved != wanted:
+            save_json(path, wanted)
         return
+    if difference:
+        key, old, new = difference
+        log(
+            f"overwrite_output_dir: discarding the {what} in {folder}, made with other arguments "
+            f"({key}={old!r}, now {key}={new!r})"
+        )
+    elif not all(result.exists() for result in results):
+        log(
+            f"overwrite_output_dir: resuming the partial {what} in {folder}, which a stopped run with these "
+            "arguments left"
+        )
+        return
+    else:
+        keeper = claimed() if claimed is not None else None
+        if keeper is not None:
+            log(
+                f"overwrite_output_dir: keeping the {what} in {folder}: a stopped run with these arguments made them "
+                f"and left {keeper} unfinished"
+            )
+            return
+        log(f"overwrite_output_dir: discarding the finished {what} in {folder} of an earlier run, to recompute them")
+    clear_folder(folder)
     save_json(path, wanted)
 
 
 def clear_folder(folder: Path) -> None:
-    """Remove the files of an earlier result (overwrite), keeping the folder."""
+    """Remove the files of an earlier result (overwrite), keeping the folder and its lock."""
     if folder.exists():
         for path in folder.iterdir():
-            if path.is_file():
+            if path.is_file() and path.name != LOCK_NAME:
                 path.unlink()
+
+
+# ---- One writer per results folder ----
+
+LOCK_NAME = ".lock"
+
+
+class FolderLock:
+    """An exclusive, non-blocking lock on a results folder, for the duration of one computation there.
+
+    flock on folder/.lock, which holds the holder's pid: the kernel releases it when the process ends however it
+    ends (SIGKILL included), so a lock is never left stale; the holder removes the file when it is done. A second
+    writer is refused at once rather than made to wait: its results would replace the first one's under it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.fd = Path(folder), None
+
+    def acquire(self) -> None:
+        if fcntl is None:
+            return
+        path = self.folder / LOCK_NAME
+        while True:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                if _errno(error) in NO_ACCESS:  # a folder this run cannot write: it may still read results there
+                    return
+                translated = write_error(path, error, None, "output_dir")
+                if translated is None:
+                    raise
+                raise translated from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise InfluenceError(
+                    f"another run is writing {self.folder}{f' (pid {holder})' if holder else ''}: wait for it to "
+                    "finish, or choose another output_dir"
+                ) from None
+            # The holder before us removes the file before it lets go: a lock taken on a removed file is no lock.
+            try:
+                current = os.stat(path)
+                same = (current.st_dev, current.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        with contextlib.suppress(OSError):
+            (self.folder / LOCK_NAME).unlink()  # first, while held: see acquire
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
 
 
 # ---- Partial results of a pass, for resuming ----
@@ -252,15 +403,51 @@ class Store:
     def exists(self, *paths: Path) -> bool:
         return self.group.on_main(lambda: all(path.exists() for path in paths))
 
-    def prepare(self, folder: Path, filename: str, arguments: dict[str, Any], what: str, overwrite: bool) -> None:
-        """Clear the folder (overwrite), then record the arguments or refuse results made with others."""
+    def prepare(
+        self,
+        folder: Path,
+        filename: str,
+        arguments: dict[str, Any],
+        what: str,
+        overwrite: bool,
+        results: list[Path] | None = None,
+        claimed: Callable[[], Path | None] | None = None,
+    ) -> None:
+        """Record the arguments, or refuse results made with others; with `overwrite`, discard what is there
+        unless a stopped run with these arguments left it (see prepare_folder; `results`: the files the folder
+        ends with)."""
+        self.group.on_main(
+            lambda: prepare_folder(folder, filename, arguments, what, overwrite, results or [], claimed, self.log)
+        )
 
-        def prepare() -> None:
-            if overwrite:
-                clear_folder(folder)
-            check_arguments(folder, filename, arguments, what)
+    @contextlib.contextmanager
+    def writing(self, folder: Path) -> Iterator[None]:
+        """Hold the folder's lock (rank 0) while a computation there runs: another run is refused in one line."""
+        lock = FolderLock(folder)
+        self.group.on_main(lock.acquire)
+        try:
+            yield
+        finally:
+            lock.release()  # held on rank 0 only
 
-        self.group.on_main(prepare)
+    def unfinished_scores(self, factors_name: str, factor_arguments: dict[str, Any]) -> Path | None:
+        """A scores folder made from factors `factors_name` with these factor arguments and left unfinished (a
+        partial result, or no scores file yet) by a stopped run, if there is one."""
+        wanted = json.loads(json.dumps(factor_arguments))
+        for folder in sorted(self.folder.glob("scores_*")):
+            path = folder / SCORE_ARGUMENTS
+            try:
+                saved = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not isinstance(saved, dict) or saved.get("factors_name") != factors_name:
+                continue
+            if first_difference(saved.get("factor_arguments"), wanted) is not None:
+                continue
+            finished = any((folder / name).exists() for name in (PAIRWISE_SCORES, SELF_SCORES))
+            if not finished or any(folder.glob(f"*{PARTIAL_SUFFIX}")):
+                return folder
+        return None
 
     def load(self, path: Path, device: torch.device | str, missing: str | None = None) -> dict[str, torch.Tensor]:
         """The file's tensors on every rank; `missing`: the error if there is no such file."""

@@ -112,7 +112,7 @@ def lds_args(data: Path, out: Path, *strategies: str) -> list[str]:
 def reference(fake_cifar_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("lds") / "reference"
     result = run(
-        "evaluate_lds.py", *lds_args(fake_cifar_dir, out, "identity", "diagonal"), "--damping", "0", "heuristic"
+        "evaluate_lds.py", *lds_args(fake_cifar_dir, out, "identity", "diagonal"), "--damping", "0.001", "heuristic"
     )
     return {"out": out, "stdout": result.stdout, "data": fake_cifar_dir}
 
@@ -131,7 +131,7 @@ def test_evaluate_lds_writes_files_readable_on_their_own(reference):
     assert 0 <= summary["query_accuracy"]["retrained_models"] <= 1
     rows = {(row["scores"], row["damping"]): row for row in summary["results"]}
     assert set(rows) == {
-        ("identity", "0"), ("identity", "heuristic"), ("diagonal", "0"), ("diagonal", "heuristic"),
+        ("identity", "0.001"), ("identity", "heuristic"), ("diagonal", "0.001"), ("diagonal", "heuristic"),
         ("random", None), ("seed agreement", None),
     }  # fmt: skip
     for row in rows.values():
@@ -139,12 +139,14 @@ def test_evaluate_lds_writes_files_readable_on_their_own(reference):
         if row["queries_used"]:
             assert -1 <= row["interval_95"][0] <= row["mean"] <= row["interval_95"][1] <= 1
     # The LDS of saved scores, recomputed from the files alone.
-    scores = load_file(out / "influence_results" / "lds" / "scores_diagonal_damping_0" / "pairwise_scores.safetensors")
+    scores = load_file(
+        out / "influence_results" / "lds" / "scores_diagonal_damping_0.001" / "pairwise_scores.safetensors"
+    )
     per_query = lds.lds_per_query(lds.predicted_margins(scores["all_modules"], masks), margins)
-    assert lds.summarize(per_query)["per_query"] == rows[("diagonal", "0")]["per_query"]
+    assert lds.summarize(per_query)["per_query"] == rows[("diagonal", "0.001")]["per_query"]
     # Each strategy beside identity on the same queries, in the JSON and the table.
-    paired = lds.paired_difference(per_query, np.array(rows[("identity", "0")]["per_query"], dtype=np.float64))
-    found = rows[("diagonal", "0")]["vs_identity"]
+    paired = lds.paired_difference(per_query, np.array(rows[("identity", "0.001")]["per_query"], dtype=np.float64))
+    found = rows[("diagonal", "0.001")]["vs_identity"]
     assert found["mean"] == pytest.approx(paired["mean"], nan_ok=True) and "vs_identity" not in rows[("random", None)]
     assert "minus identity (paired, 95%)" in (out / "lds.md").read_text()
     assert "| diagonal | heuristic |" in (out / "lds.md").read_text() and (out / "lds.png").stat().st_size > 10_000
@@ -195,7 +197,7 @@ def test_help_shows_the_commands_and_a_bad_flag_is_one_line():
     for flag, value, message in (
         ("--alpha", "1.5", "--alpha must be between 0 and 1, got 1.5"),
         ("--num_subsets", "2", "--num_subsets must be at least 3 for a rank correlation, got 2"),
-        ("--damping", "-1", "argument --damping: damping must be >= 0, got -1"),
+        ("--damping", "-1", "argument --damping: damping must be a finite number >= 0 or 'heuristic', got -1"),
     ):
         refused = run("evaluate_lds.py", flag, value, expect=2)
         assert refused.stderr == f"error: {message} (see --help)\n", refused.stderr
