@@ -28,7 +28,7 @@ from influence import STRATEGIES, Analyzer, FactorArguments, InfluenceError, Sco
 from influence import distributed as influence_distributed
 from influence import interrupt as influence_interrupt
 from influence.distributed import Group
-from influence.storage import Store, write_atomically
+from influence.storage import PAIRWISE_SCORES, SCORE_ARGUMENTS, Store, load_tensors, read_json, write_atomically
 from pipeline import ClassificationTask, PipelineError, get_device
 
 # ---- Errors and arguments ----
@@ -538,6 +538,32 @@ def subplots(*args, **kwargs):
 def results_store(output_dir: str | Path, analysis_name: str) -> Store:
     """The results of an analysis for a script that reads them (one process)."""
     return Store(Path(output_dir) / analysis_name, Group(torch.device("cpu")), print)
+
+
+def read_pairwise_scores(output_dir: str | Path, strategy: str, half: bool) -> tuple[torch.Tensor, dict]:
+    """analyze.py's pairwise scores [queries, training examples] and the `info` they record (sizes, fingerprints),
+    for the scripts that only read them; anything missing or malformed is one line saying which analyze.py
+    command makes them again."""
+    store = results_store(output_dir, "cifar10")
+    name = results_name(strategy, half)
+    path, arguments = store.scores(name, PAIRWISE_SCORES), store.scores(name, SCORE_ARGUMENTS)
+    remake = f"python analyze.py --factor_strategy {strategy}{' --use_half_precision' if half else ''}"
+    if not path.exists():
+        raise PipelineError(f"no scores at {path}: run {remake} first")
+    try:
+        scores = load_tensors(path).get("all_modules")
+        info = read_json(arguments).get("info") if arguments.exists() else None
+    except (InfluenceError, AttributeError) as e:
+        raise PipelineError(
+            f"cannot read the scores in {store.scores(name)} ({e}): make them again: {remake} --overwrite_output_dir"
+        ) from None
+    if scores is None or scores.ndim != 2 or not isinstance(info, dict) or "num_train" not in info:
+        raise PipelineError(
+            f"{store.scores(name)} does not hold analyze.py's scores (an [queries, training examples] "
+            f"'all_modules' tensor and its {SCORE_ARGUMENTS} with 'info'): make them again: {remake} "
+            "--overwrite_output_dir"
+        )
+    return scores, info
 
 
 def save_figure(fig, path: str | Path) -> None:

@@ -19,12 +19,11 @@ from cli import (
     ArgumentParser,
     add_results_flags,
     figure_file,
-    results_store,
+    read_pairwise_scores,
     run_cli,
     save_figure,
     subplots,
 )
-from influence.storage import PAIRWISE_SCORES, load_tensors
 from pipeline import PipelineError
 
 
@@ -36,15 +35,6 @@ def parse_args(argv=None):
         "--figure", type=figure_file, default="figure/half_precision.png", help="where to draw the scatter plot"
     )
     return parser.parse_args(argv)
-
-
-def load_scores(output_dir: str, name: str) -> np.ndarray:
-    path = results_store(output_dir, "cifar10").scores(name, PAIRWISE_SCORES)
-    if not path.exists():
-        half = " --use_half_precision" if name.endswith("_half") else ""
-        strategy = name.removesuffix("_half")
-        raise PipelineError(f"no scores at {path}: run python analyze.py --factor_strategy {strategy}{half} first")
-    return load_tensors(path)["all_modules"].numpy()
 
 
 def spearman_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -71,8 +61,7 @@ def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, pat
 
 def main() -> None:
     args = parse_args()
-    full = load_scores(args.output_dir, args.factor_strategy)
-    half = load_scores(args.output_dir, f"{args.factor_strategy}_half")
+    full, half = (read_pairwise_scores(args.output_dir, args.factor_strategy, h)[0].numpy() for h in (False, True))
     if full.shape != half.shape:
         raise PipelineError(f"fp32 scores are {full.shape} but bf16 scores are {half.shape}: rerun with the same sizes")
     if not 0 <= args.query_index < full.shape[0]:

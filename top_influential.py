@@ -21,13 +21,11 @@ from cli import (
     add_data_flags,
     add_results_flags,
     figure_file,
-    results_name,
-    results_store,
+    read_pairwise_scores,
     run_cli,
     save_figure,
     subplots,
 )
-from influence.storage import PAIRWISE_SCORES, SCORE_ARGUMENTS, load_tensors, read_json
 from pipeline import CLASSES, PipelineError, get_cifar10
 
 
@@ -74,13 +72,7 @@ def draw(rows: list[dict], path: Path, top_k: int, heading: str) -> None:
 
 def main() -> None:
     args = parse_args()
-    store = results_store(args.output_dir, "cifar10")
-    name = results_name(args.factor_strategy, args.use_half_precision)
-    if not store.scores(name, PAIRWISE_SCORES).exists():
-        hint = f"python analyze.py --factor_strategy {args.factor_strategy}"
-        raise PipelineError(f"no scores in {store.scores(name)}: run {hint} first")
-    scores = load_tensors(store.scores(name, PAIRWISE_SCORES))["all_modules"]
-    info = read_json(store.scores(name, SCORE_ARGUMENTS))["info"]
+    scores, info = read_pairwise_scores(args.output_dir, args.factor_strategy, args.use_half_precision)
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=info["num_train"], device="cpu")
     queries = get_cifar10(args.dataset_dir, "valid", device="cpu").subset(info["num_queries"])
     bad = [q for q in args.queries if not 0 <= q < scores.shape[0]]

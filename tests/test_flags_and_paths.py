@@ -187,3 +187,23 @@ def test_walkthrough_skips_the_steps_named():
     assert "lds" not in names and "bench_fp32" not in names and "bench_bf16" in names
     result = run("walkthrough.py", "--scale", "gpu", "--dry_run", "--skip", "ldss", expect=2)
     assert "--skip ldss: no such step at scale gpu" in one_line_error(result)
+
+
+def test_malformed_score_files_are_one_line_for_the_scripts_that_read_them(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "cifar10" / "scores_ekfac"
+    folder.mkdir(parents=True)
+    save_file({"other": torch.zeros(2, 8)}, str(folder / "pairwise_scores.safetensors"))  # no all_modules
+    (folder / "score_arguments.json").write_text('{"info": {"num_train": 8, "num_queries": 2}}')
+    read = [("top_influential.py", ["--figure", str(tmp_path / "t.png")]), ("half_precision_analysis.py", [])]
+    for script, extra in read:
+        result = run(script, "--output_dir", str(tmp_path), *extra, expect=2)
+        assert "does not hold analyze.py's scores" in one_line_error(result), script
+    save_file({"all_modules": torch.zeros(2, 8)}, str(folder / "pairwise_scores.safetensors"))
+    (folder / "score_arguments.json").write_text("{}")  # no info
+    result = run("top_influential.py", "--output_dir", str(tmp_path), "--figure", str(tmp_path / "t.png"), expect=2)
+    assert "python analyze.py --factor_strategy ekfac --overwrite_output_dir" in one_line_error(result)
+    (folder / "score_arguments.json").write_text("{")  # truncated
+    result = run("top_influential.py", "--output_dir", str(tmp_path), "--figure", str(tmp_path / "t.png"), expect=2)
+    assert "cannot read the scores" in one_line_error(result)
