@@ -1,9 +1,9 @@
-"""Check a GPU machine end to end in one command (under 10 minutes), before the full job.
+"""Check a GPU machine end to end in one command (about 10 minutes, an estimate: never yet run), before the full job.
 
     python gpu_check.py                      # then: python walkthrough.py --scale gpu
     python gpu_check.py --dry_run --gpus 2   # the steps, without running them (any machine)
 
-Steps, each a subprocess whose output goes to walkthrough_logs/gpu_check/<step>.log (progress bars to .err):
+Steps, each a subprocess whose output goes to walkthrough/gpu_check/logs/<step>.log (progress bars to .err):
   tests        python -m pytest -q: the whole suite, with the GPU tests (tests/test_gpu.py) that a CPU skips
   train_*      ResNet-9 on the first 10,000 CIFAR-10 images for 5 epochs, with clean and with 10% corrupted labels
   analyze_*    EK-FAC factors and 500 x 10,000 pairwise scores in fp32, then in bf16 (--profile: the timing tables)
@@ -36,7 +36,7 @@ CHECK = "gpu_check"
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
-    parser.add_argument("--log_dir", default=f"./walkthrough_logs/{CHECK}", help="where the logs go")
+    parser.add_argument("--log_dir", default=f"./walkthrough/{CHECK}/logs", help="where the logs go")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to use under torchrun (default: all visible)")
     parser.add_argument("--skip_tests", action="store_true", help="leave out the test suite (it ran already)")
     parser.add_argument("--step_timeout", type=float, default=600.0, help="seconds a step may take (default 600)")
