@@ -45,7 +45,7 @@ def main() -> None:
     checkpoint = checkpoint_path(args.checkpoint_dir)
     model = load_model(checkpoint, device, cli.train_command(args))
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
-    queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
+    queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries, "--num_queries")
 
     # What the results are made from, checked when they are reused: the weights, and the images and labels used.
     data_info = {

@@ -278,7 +278,7 @@ def main() -> None:
     model = load_model(args.checkpoint, device) if args.checkpoint else place_model(construct_resnet9(), device)
     if args.dataset_dir:
         train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
-        queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
+        queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries, "--num_queries")
     else:
         train, queries = random_data(args.num_train, device, 0), random_data(args.num_queries, device, 1)
 

@@ -399,7 +399,7 @@ def main() -> None:
     out = Path(args.output_dir)
     train = get_cifar10(args.dataset_dir, "train", num_train=args.num_train, device=device)
     train_eval = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
-    queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries)
+    queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries, "--num_queries")
     if lds.subset_size(len(train), args.alpha) < 1:
         raise PipelineError(f"--alpha {args.alpha} of {len(train)} images leaves the subsets empty")
     settings = settings_of(args, train, queries)

@@ -412,13 +412,13 @@ class CifarData:
         """Bool mask of the examples whose label differs from the official one."""
         return self.labels != self.clean_labels
 
-    def subset(self, n: int | None) -> CifarData:
-        """The first n examples (all when n is None). For train splits prefer get_cifar10(num_train=...),
-        which applies corruption after truncation."""
+    def subset(self, n: int | None, flag: str = "n") -> CifarData:
+        """The first n examples (all when n is None); `flag` names n in the error. For train splits prefer
+        get_cifar10(num_train=...), which applies corruption after truncation."""
         if n is None:
             return self
         if not 1 <= n <= len(self):
-            raise PipelineError(f"asked for {n} {self.split} examples; there are {len(self)}")
+            raise PipelineError(f"{flag} must be between 1 and {len(self)} ({self.split} examples), got {n}")
         return CifarData(self.images[:n], self.labels[:n], self.clean_labels[:n], self.split)
 
 

@@ -116,7 +116,7 @@ def main(argv=None) -> None:
     )
     train_data = get_cifar10(args.dataset_dir, "train", **common)
     eval_train_data = get_cifar10(args.dataset_dir, "eval_train", **common)
-    valid_data = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_test)
+    valid_data = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_test, "--num_test")
     num_changed = int(train_data.changed.sum())
     where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
     say(f"training on {len(train_data)} examples ({num_changed} with changed labels), {where}")

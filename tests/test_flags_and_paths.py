@@ -60,6 +60,14 @@ def test_bench_on_a_missing_gpu_is_one_line():
     assert "a GPU was asked for but torch sees none" in one_line_error(run("bench.py", "--device", "cuda", expect=2))
 
 
+def test_too_many_examples_name_their_flag(tmp_path, fake_cifar_dir):
+    data = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(tmp_path)]
+    result = run("train.py", *data, "--num_train", "8", "--num_test", "5000", expect=2)
+    assert "--num_test must be between 1 and 100 (valid examples), got 5000" in one_line_error(result)
+    result = run("bench.py", "--dataset_dir", str(fake_cifar_dir), "--num_train", "8", "--num_queries", "900", expect=2)
+    assert "--num_queries must be between 1 and 100" in one_line_error(result)
+
+
 def test_paths_in_the_way_are_refused_before_any_work(tmp_path, fake_cifar_dir):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
