@@ -19,6 +19,11 @@ A killed run resumes where it stopped when started again with the same arguments
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import cli
 from cli import ArgumentParser, is_main, results_name, run_cli
 from pipeline import TensorBatches, checkpoint_path, get_cifar10, load_model

@@ -25,6 +25,11 @@ measured at the same time; times are rank 0's wall clock, memory the largest of 
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import contextlib
 import resource

@@ -16,7 +16,9 @@ import argparse
 import ctypes
 import hashlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -119,6 +121,8 @@ def run_cli(main: Callable[[], object]) -> None:
     saves what it has (influence/interrupt.py); rank 0 says in one line what was saved, and every rank exits
     with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT).
     """
+    if threading.current_thread() is threading.main_thread():  # the scripts silenced Ctrl-C while torch loaded
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with influence_interrupt.handling():
         try:
             main()

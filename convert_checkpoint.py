@@ -11,6 +11,11 @@ in one line and nothing is written.
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import pickle
 import zipfile
 from pathlib import Path

@@ -29,6 +29,11 @@ on a CPU, with the results of one process.
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import json
 import re

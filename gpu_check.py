@@ -17,6 +17,11 @@ A table of every step's time ends it. Without a GPU it refuses in one line (exit
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import os
 import subprocess
 import sys

@@ -9,6 +9,11 @@ draws figure/half_precision.png: bf16 against fp32 scores of one query.
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 from pathlib import Path
 
 import numpy as np

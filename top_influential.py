@@ -9,6 +9,11 @@ training images with their labels and scores, into figure/top_influential.png.
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 from pathlib import Path
 
 import torch

@@ -31,6 +31,11 @@ from it, ending with the weights an uninterrupted run would have made, and remov
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import time
 
 import torch.distributed as dist

@@ -34,9 +34,13 @@ aggre_label array; without it they are skipped with a line saying so.
 
 from __future__ import annotations
 
+import signal
+
+# Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import time

@@ -215,3 +215,15 @@ def test_malformed_score_files_are_one_line_for_the_scripts_that_read_them(tmp_p
     (folder / "score_arguments.json").write_text("{")  # truncated
     result = run("top_influential.py", "--output_dir", str(tmp_path), "--figure", str(tmp_path / "t.png"), expect=2)
     assert "cannot read the scores" in one_line_error(result)
+
+
+@pytest.mark.parametrize("script", ["train.py", "analyze.py", "walkthrough.py"])
+def test_ctrl_c_while_torch_loads_is_quiet(script):
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / script), "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(0.4)  # the interpreter is up and importing torch, which takes seconds
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert process.returncode in (-signal.SIGINT, 0), (process.returncode, err)  # 0: it had already finished
