@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 import cli
-from cli import ArgumentParser, is_main, results_name, run_cli, save_figure, subplots
+from cli import STRATEGY_NAMES, ArgumentParser, is_main, results_name, run_cli, save_figure, subplots
 from influence import STRATEGIES
 from pipeline import (
     CLASSES,
@@ -131,20 +131,49 @@ def per_example_loss(model: torch.nn.Module, batches: TensorBatches) -> torch.Te
 # ---- Figures ----
 
 
+def display_name(label: str, prefix: str) -> str:
+    """How a ranking is named in figures: "EK-FAC", "K-FAC (bf16)", "training loss" (not results' folder names)."""
+    strategy = label.removeprefix(prefix).removesuffix("_half")
+    if strategy not in STRATEGY_NAMES:
+        return label
+    return STRATEGY_NAMES[strategy] + (" (bf16)" if label.endswith("_half") else "")
+
+
 def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Path, title: str) -> None:
-    fig, ax = subplots(figsize=(5.5, 4.2))
+    """One panel per influence ranking, each beside the training loss and a random order, so that rankings whose
+    curves coincide do not hide one another; the ROC AUC of each is written in its panel."""
     xs = [0.0, *INSPECTED, 1.0]
-    for label, ys in curves.items():
-        baseline = {"training loss": "black", "random": "gray"}.get(label)
-        style = {"linestyle": "--", "color": baseline} if baseline else {"marker": "o", "markersize": 3}
-        ax.plot(xs, [0.0, *ys, 1.0], label=f"{label} (AUC {aucs[label]:.3f})", **style)
-    ax.set_xlabel("Fraction of training data inspected")
-    ax.set_ylabel("Fraction of mislabeled examples found")
-    ax.set_title(title, fontsize=10)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    baselines = [label for label in ("training loss", "random") if label in curves]
+    ranked = [label for label in curves if label not in baselines] or baselines[:1]
+    fig, axes = subplots(1, len(ranked), figsize=(3.3 * len(ranked) + 0.6, 3.6), squeeze=False, sharey=True)
+    for ax, label in zip(axes[0], ranked, strict=True):
+        for other in baselines:
+            if other != label:
+                color = {"training loss": "black", "random": "gray"}[other]
+                ax.plot(
+                    xs,
+                    [0.0, *curves[other], 1.0],
+                    linestyle="--",
+                    color=color,
+                    linewidth=1,
+                    label=f"{other} (ROC AUC {aucs[other]:.3f})",
+                )
+        ax.plot(
+            xs,
+            [0.0, *curves[label], 1.0],
+            marker="o",
+            markersize=3,
+            color="tab:blue",
+            label=f"{label} (ROC AUC {aucs[label]:.3f})",
+        )
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("fraction of training data inspected")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7)
+    axes[0][0].set_ylabel("fraction of wrong labels found")
+    fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
 
@@ -241,6 +270,7 @@ def main() -> None:
         del rankings[label]
 
     truth = mislabeled.numpy()
+    rankings = {display_name(label, prefix): scores for label, scores in rankings.items()}
     curves = {label: detection_curve(s, truth, INSPECTED) for label, s in rankings.items()}
     aucs = {label: roc_auc(s, truth) for label, s in rankings.items()}
     print(f"{int(mislabeled.sum())} of {len(train)} training labels are wrong ({labels}).")
@@ -253,7 +283,8 @@ def main() -> None:
 
     default = f"figure/mislabel_noisy_{args.noisy_labels_key}.png" if noisy else "figure/mislabel.png"
     figure = Path(args.figure or default)
-    title = f"Mislabeled data detection ({labels}, N={len(train)})"
+    given = f"CIFAR-10N {args.noisy_labels_key}" if noisy else f"{args.corrupt_percentage:.0%} of labels corrupted"
+    title = f"ResNet-9 on {len(train):,} CIFAR-10 training images, {given}: wrong labels found by each ranking"
     draw_curves(curves, aucs, figure, title)
     top_figure = Path(args.top_figure or figure.with_name(f"{figure.stem}_top{figure.suffix}"))
     order = torch.argsort(own, descending=True)[: min(args.top_k, len(train))].cpu()

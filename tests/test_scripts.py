@@ -133,7 +133,7 @@ def test_detect_mislabeled(workspace):
     lines = [line for line in result.stdout.splitlines() if line.strip().endswith("%") and "inspected" not in line]
     assert len(lines) == 9
     header = next(line for line in result.stdout.splitlines() if line.startswith("inspected"))
-    for column in ("identity", "ekfac", "training loss", "random"):
+    for column in ("identity", "EK-FAC", "training loss", "random"):
         assert column in header
     last = [float(cell.rstrip("%")) for cell in lines[-1].split()[1:]]
     assert all(0 <= value <= 100 for value in last)
