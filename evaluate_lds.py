@@ -367,11 +367,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def labels_of(rows: list[dict]) -> list[str]:
+    return [
+        f"{row['scores']}, damping {row['damping']}" if row["damping"] is not None else row["scores"] for row in rows
+    ]
+
+
 def draw(path: str | Path, rows: list[dict], masks, margins, scores: dict) -> None:
-    fig, (left, right) = subplots(1, 2, figsize=(12, 4.5))
+    paired = [
+        (label, row["vs_identity"]) for label, row in zip(labels_of(rows), rows, strict=True) if "vs_identity" in row
+    ]
+    fig, axes = subplots(1, 3 if paired else 2, figsize=(17 if paired else 12, 4.5), squeeze=False)
+    left, right = axes[0][0], axes[0][-1]
+    if paired:  # the strongest evidence: each strategy minus identity on the same queries and retrainings
+        middle = axes[0][1]
+        means = np.array([versus["mean"] for _, versus in paired])
+        low, high = (np.array([versus["interval_95"][i] for _, versus in paired]) for i in (0, 1))
+        middle.barh(range(len(paired)), means, xerr=[means - low, high - means], color="tab:green", capsize=3)
+        middle.set_yticks(range(len(paired)), [label for label, _ in paired], fontsize=8)
+        middle.invert_yaxis()
+        middle.axvline(0, color="black", linewidth=0.8)
+        middle.set_xlabel("LDS minus identity's, paired over queries (95% bootstrap interval)")
+        middle.set_title("each strategy against identity at the same damping")
     # Horizontal bars, first row on top: the labels (strategy, damping) stay readable however many rows there are.
-    labels = [f"{row['scores']}, damping {row['damping']}" if row["damping"] is not None else row["scores"]
-              for row in rows]  # fmt: skip
+    labels = labels_of(rows)
     means = np.array([row["mean"] for row in rows])
     errors = np.array([[row["mean"] - row["interval_95"][0], row["interval_95"][1] - row["mean"]] for row in rows]).T
     colors = ["tab:blue" if row["damping"] is not None else "tab:gray" for row in rows]
@@ -391,7 +410,7 @@ def draw(path: str | Path, rows: list[dict], masks, margins, scores: dict) -> No
     right.scatter(predicted, measured, s=14)
     right.set_xlabel(f"predicted effect: sum of {best['scores']} scores over the subset")
     right.set_ylabel("measured margin (mean over seeds)")
-    right.set_title(f"test image {query}: LDS {per_query[query]:.2f} (the median query of {best['scores']})")
+    right.set_title(f"test image {query}: LDS {per_query[query]:.2f} (median query of {best['scores']})", fontsize=9)
     save_figure(fig, path)
 
 
