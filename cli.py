@@ -72,7 +72,7 @@ POSITIVE = number(0, positive=True)
 
 def seed(text: str) -> int:
     """An argparse type: a seed torch.manual_seed takes (0 <= seed < 2**63)."""
-    value = number(0, kind=int)(text)
+    value = NON_NEGATIVE_INT(text)
     if value >= 2**63:
         raise argparse.ArgumentTypeError(f"a seed must be below 2**63, got {text}")
     return value
@@ -80,7 +80,7 @@ def seed(text: str) -> int:
 
 def fraction(text: str) -> float:
     """An argparse type: a fraction strictly between 0 and 1 (of the training labels to corrupt)."""
-    value = number(0, positive=True)(text)
+    value = POSITIVE(text)
     if value >= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (0.1 is 10%), got {text}")
     return value

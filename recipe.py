@@ -3,8 +3,7 @@
 Not run directly; train.py trains its checkpoint with it and evaluate_lds.py trains every retraining with it,
 so both run the same code:
 
-    add_recipe_flags(parser)                      # --train_batch_size --learning_rate ... --save_interval
-    check_recipe_flags(parser, args)
+    add_recipe_flags(parser)                      # --train_batch_size ... --save_interval, checked as read
     model, seconds = train_model(args, data, device, state_path)   # stopped by SIGTERM: saved, Interrupted raised
 
 The recipe is the original example's: SGD (momentum 0 by default), the learning rate rising linearly per step to

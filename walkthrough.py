@@ -200,8 +200,8 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
     if args.scale == "cpu":
         # The CPU's default batch of 128 against the GPU's 512 and others, on the same job.
         for size in (512, 256, 128, 64):
-            folder = out / f"influence_results_batch_{size}"
-            given = ["--output_dir", str(folder), "--overwrite_output_dir", "--figure", str(folder / "mislabel.png")]
+            where = out / f"influence_results_batch_{size}"
+            given = ["--output_dir", str(where), "--overwrite_output_dir", "--figure", str(where / "mislabel.png")]
             command = [*py, "detect_mislabeled_dataset.py", *data, "--num_train", "512", "--profile", *given]
             found.append((f"batch_size_{size}", [*command, "--train_batch_size", str(size)], {}))
     if args.scale == "cpu":
@@ -216,11 +216,11 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
             ),
         ):
             for processes, launcher in ((1, py), (2, torchrun)):
-                folder = out / f"influence_results_scaling_{processes}"
-                profile = ["--output_dir", str(folder), "--overwrite_output_dir", "--profile"]
+                where = out / f"influence_results_scaling_{processes}"
+                profile = ["--output_dir", str(where), "--overwrite_output_dir", "--profile"]
                 profile = [] if script == "bench.py" else profile
                 if script == "detect_mislabeled_dataset.py":
-                    profile += ["--figure", str(folder / "mislabel.png")]
+                    profile += ["--figure", str(where / "mislabel.png")]
                 found.append((f"scaling_{name}_{processes}proc", [*launcher, script, *extra, *profile], one_thread))
     # Do the scores predict retraining? On the CPU two one-thread processes share the retrainings.
     lds = [*dataset, "--output_dir", str(out / "lds_results"), *scale["lds"], "--damping", "1e-8", "heuristic"]
@@ -252,12 +252,9 @@ def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, 
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            while True:
-                try:
-                    _, status, usage = os.wait4(process.pid, 0)  # the rusage of this step's processes alone
-                    break
-                except InterruptedError:  # a signal arrived while waiting: keep waiting for the step to save
-                    continue
+            # The rusage of this step's processes alone. A forwarded signal does not end the wait: Python retries
+            # wait4 after a handler that returns (PEP 475), so the walk-through waits for the step to save.
+            _, status, usage = os.wait4(process.pid, 0)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
