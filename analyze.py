@@ -24,15 +24,25 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-import cli
-from cli import ArgumentParser, is_main, results_name, run_cli
-from pipeline import TensorBatches, checkpoint_path, get_cifar10, load_model
+
+from example.checkpoints import checkpoint_path, load_model, train_command
+from example.flags import add_checkpoint_flags, add_data_flags, add_influence_flags
+from example.results import (
+    check_shape,
+    data_fingerprint,
+    file_fingerprint,
+    influence_arguments,
+    make_analyzer,
+    results_name,
+)
+from example.run import ArgumentParser, is_main, run_cli, start_influence_run
+from pipeline import TensorBatches, get_cifar10
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    cli.add_data_flags(parser, num_train=True)
-    cli.add_checkpoint_flags(parser)
+    add_data_flags(parser, num_train=True)
+    add_checkpoint_flags(parser)
     parser.add_argument(
         "--query_batch_size",
         type=int,
@@ -40,30 +50,30 @@ def parse_args(argv=None):
         help="queries preconditioned and held at once; each needs one pass over the training set",
     )
     parser.add_argument("--num_queries", type=int, default=2000, help="score the first Q test images (default 2000)")
-    cli.add_influence_flags(parser)
+    add_influence_flags(parser)
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    device = cli.start_influence_run(args, "query_batch_size", "train_batch_size", "num_queries")
+    device = start_influence_run(args, "query_batch_size", "train_batch_size", "num_queries")
     checkpoint = checkpoint_path(args.checkpoint_dir)
-    model = load_model(checkpoint, device, cli.train_command(args))
+    model = load_model(checkpoint, device, train_command(args))
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
     queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries, "--num_queries")
 
     # What the results are made from, checked when they are reused: the weights, and the images and labels used.
     data_info = {
-        "checkpoint_sha256": cli.file_fingerprint(checkpoint),
+        "checkpoint_sha256": file_fingerprint(checkpoint),
         "num_train": len(train),
-        "data_sha256": cli.data_fingerprint(train.images, train.labels),
+        "data_sha256": data_fingerprint(train.images, train.labels),
     }
-    factor_args, score_args = cli.influence_arguments(args, data_info)
-    queries_sha256 = cli.data_fingerprint(queries.images, queries.labels)
+    factor_args, score_args = influence_arguments(args, data_info)
+    queries_sha256 = data_fingerprint(queries.images, queries.labels)
     score_args.info = {**data_info, "num_queries": len(queries), "queries_sha256": queries_sha256}
     name = results_name(args.factor_strategy, args.use_half_precision)
 
-    analyzer = cli.make_analyzer("cifar10", model, args)
+    analyzer = make_analyzer("cifar10", model, args)
     train_batches = TensorBatches(train, args.train_batch_size)
     analyzer.fit_all_factors(name, train_batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     scores = analyzer.compute_pairwise_scores(
@@ -74,7 +84,7 @@ def main() -> None:
         score_args,
         overwrite_output_dir=args.overwrite_output_dir,
     )["all_modules"]
-    cli.check_shape(scores, (len(queries), len(train)), analyzer.scores_folder(name))
+    check_shape(scores, (len(queries), len(train)), analyzer.scores_folder(name))
     if is_main():
         print(f"Scores shape: {tuple(scores.shape)}  ({analyzer.scores_folder(name)})")
         if args.profile:

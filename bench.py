@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import signal
 
+from example.run import say_if_bf16_is_emulated
+
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 import argparse
 import contextlib
@@ -40,33 +43,21 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from cli import (
-    NON_NEGATIVE,
-    POSITIVE_INT,
-    ArgumentParser,
-    add_process_flags,
+from example.checkpoints import load_model
+from example.devices import place_model
+from example.flags import NON_NEGATIVE, POSITIVE_INT, add_process_flags, train_batch_size
+from example.hardware import (
     bf16_hardware_note,
     cpu_bf16_units,
     cpu_info_lines,
-    is_main,
     keep_freed_memory,
-    run_cli,
-    say_if_bf16_is_emulated,
-    start_processes,
-    train_batch_size,
 )
+from example.run import ArgumentParser, is_main, run_cli, start_processes
+from example.task import ClassificationTask
 from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments, flops
 from influence.distributed import control_group
 from influence.profiler import synchronize
-from pipeline import (
-    CifarData,
-    ClassificationTask,
-    TensorBatches,
-    construct_resnet9,
-    get_cifar10,
-    load_model,
-    place_model,
-)
+from pipeline import CifarData, TensorBatches, construct_resnet9, get_cifar10
 
 RATE_SPREAD = 0.8  # rates before and after the passes further apart than this are reported as unsteady
 

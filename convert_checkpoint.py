@@ -16,14 +16,17 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, run_cli
-from pipeline import PipelineError, check_state, construct_resnet9, save_model
+from example.checkpoints import check_state, save_model
+from example.errors import PipelineError
+from example.run import ArgumentParser, run_cli
+from pipeline import construct_resnet9
 
 
 def parse_args(argv=None):

@@ -30,6 +30,7 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 import sys
 from pathlib import Path
 
@@ -38,29 +39,33 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-import cli
-from cli import STRATEGY_NAMES, ArgumentParser, is_main, results_name, run_cli, save_figure, subplots
-from influence import STRATEGIES
-from pipeline import (
-    CLASSES,
-    PipelineError,
-    TensorBatches,
-    checkpoint_path,
-    get_cifar10,
-    load_model,
+from example.checkpoints import checkpoint_path, load_model, train_command
+from example.errors import PipelineError
+from example.figures import STRATEGY_NAMES, save_figure, subplots
+from example.flags import add_checkpoint_flags, add_data_flags, add_influence_flags, add_label_flags, figure_file
+from example.results import (
+    check_shape,
+    data_fingerprint,
+    file_fingerprint,
+    influence_arguments,
+    make_analyzer,
+    results_name,
 )
+from example.run import ArgumentParser, is_main, run_cli, start_influence_run
+from influence import STRATEGIES
+from pipeline import CLASSES, TensorBatches, get_cifar10
 
 INSPECTED = [i / 10 for i in range(1, 10)]
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    cli.add_data_flags(parser, num_train=True)
-    cli.add_checkpoint_flags(parser)
-    cli.add_label_flags(parser, corrupt_percentage=0.1)
+    add_data_flags(parser, num_train=True)
+    add_checkpoint_flags(parser)
+    add_label_flags(parser, corrupt_percentage=0.1)
     parser.add_argument(
         "--figure",
-        type=cli.figure_file,
+        type=figure_file,
         default=None,
         help="where to draw the detection curves (default figure/mislabel.png, or "
         "figure/mislabel_noisy_<key>.png with --noisy_labels)",
@@ -71,7 +76,7 @@ def parse_args(argv=None):
         help="where to draw the top-ranked images (default: the --figure name with _top)",
     )
     parser.add_argument("--top_k", type=int, default=16, help="top-ranked images to draw (default 16)")
-    cli.add_influence_flags(parser)
+    add_influence_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -204,11 +209,11 @@ def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: 
 
 def main() -> None:
     args = parse_args()
-    device = cli.start_influence_run(args, "train_batch_size", "top_k")
+    device = start_influence_run(args, "train_batch_size", "top_k")
     noisy = args.noisy_labels is not None
     corrupt = None if noisy else args.corrupt_percentage
     checkpoint = checkpoint_path(args.checkpoint_dir, corrupt, args.noisy_labels_key if noisy else None)
-    model = load_model(checkpoint, device, cli.train_command(args, corrupt))
+    model = load_model(checkpoint, device, train_command(args, corrupt))
     train = get_cifar10(
         args.dataset_dir,
         "eval_train",
@@ -225,24 +230,24 @@ def main() -> None:
     # What the results are made from, checked when they are reused: the weights, the images and the labels used,
     # and the label file's content (its name alone would let an edited file reuse stale scores).
     info = {
-        "checkpoint_sha256": cli.file_fingerprint(checkpoint),
+        "checkpoint_sha256": file_fingerprint(checkpoint),
         "num_train": len(train),
         "labels": labels,
-        "data_sha256": cli.data_fingerprint(train.images, train.labels),
+        "data_sha256": data_fingerprint(train.images, train.labels),
     }
     if noisy:
-        info["label_file_sha256"] = cli.file_fingerprint(args.noisy_labels)
-    factor_args, score_args = cli.influence_arguments(args, info)
+        info["label_file_sha256"] = file_fingerprint(args.noisy_labels)
+    factor_args, score_args = influence_arguments(args, info)
     prefix = f"noisy_{args.noisy_labels_key}_" if noisy else ""
     name = results_name(args.factor_strategy, args.use_half_precision, prefix)
 
-    analyzer = cli.make_analyzer("mislabeled", model, args)
+    analyzer = make_analyzer("mislabeled", model, args)
     batches = TensorBatches(train, args.train_batch_size)
     analyzer.fit_all_factors(name, batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     own = analyzer.compute_self_scores(name, name, batches, score_args, overwrite_output_dir=args.overwrite_output_dir)[
         "all_modules"
     ]
-    cli.check_shape(own, (len(train),), analyzer.scores_folder(name))
+    check_shape(own, (len(train),), analyzer.scores_folder(name))
     # Every strategy already scored on these exact data and weights gets a column, so runs can be compared.
     rankings: dict[str, np.ndarray] = {}
     for strategy in STRATEGIES:

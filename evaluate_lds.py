@@ -1,7 +1,7 @@
-"""Do the scores predict retraining? The linear datamodeling score (LDS) of every strategy (lds.py has the math).
+"""Do the scores predict retraining? The linear datamodeling score (LDS) of every strategy (math: example/lds.py).
 
 Draws M random subsets of alpha * N of the first N training images (from --seed), trains K models on each from
-scratch with train.py's recipe (recipe.py, the same code), and records each model's margin on the first Q test
+scratch with train.py's recipe (example/training.py, the same code), and records each model's margin on the first Q test
 images; trains the model on all N the same way and scores it with every --strategies and --damping through the
 engine; then LDS(q) = Spearman over the subsets of (sum of the scores of the subset's examples) against the
 measured margin (mean over seeds), reported as the mean over queries with a 95% bootstrap interval, beside random
@@ -34,6 +34,7 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 import argparse
 import json
 import re
@@ -46,27 +47,20 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-import lds
-from cli import (
-    ArgumentParser,
-    add_data_flags,
-    add_process_flags,
-    check_shape,
-    data_fingerprint,
-    file_fingerprint,
-    is_main,
-    keep_freed_memory,
-    parse_damping,
-    run_cli,
-    save_figure,
-    start_processes,
-    subplots,
-)
+from example import lds
+from example.checkpoints import load_model, save_model
+from example.errors import PipelineError
+from example.figures import save_figure, subplots
+from example.flags import add_data_flags, add_process_flags, parse_damping
+from example.hardware import keep_freed_memory
+from example.results import check_shape, data_fingerprint, file_fingerprint
+from example.run import ArgumentParser, is_main, run_cli, start_processes
+from example.task import ClassificationTask
+from example.task import evaluate as evaluate_model
+from example.training import add_recipe_flags, recipe_of, train_model
 from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments
 from influence.storage import first_difference, save_tensors, write_atomically
-from pipeline import CifarData, ClassificationTask, PipelineError, TensorBatches, get_cifar10, load_model, save_model
-from pipeline import evaluate as evaluate_model
-from recipe import add_recipe_flags, recipe_of, train_model
+from pipeline import CifarData, TensorBatches, get_cifar10
 
 DEFAULT_DAMPING = 1e-8  # analyze.py's
 

@@ -22,6 +22,7 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 import os
 import subprocess
 import sys
@@ -30,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, run_cli
+from example.errors import PipelineError
+from example.run import ArgumentParser, run_cli
 from influence.storage import load_tensors
-from pipeline import PipelineError, load_cifar10_arrays
+from pipeline import load_cifar10_arrays
 
 NUM_TRAIN, NUM_QUERIES, EPOCHS = "10000", "500", "5"
 CHECK = "gpu_check"

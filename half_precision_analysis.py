@@ -14,22 +14,17 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import rankdata
 
-from cli import (
-    STRATEGY_NAMES,
-    ArgumentParser,
-    add_results_flags,
-    figure_file,
-    read_pairwise_scores,
-    run_cli,
-    save_figure,
-    subplots,
-)
-from pipeline import PipelineError
+from example.errors import PipelineError
+from example.figures import STRATEGY_NAMES, save_figure, subplots
+from example.flags import add_results_flags, figure_file
+from example.results import read_pairwise_scores
+from example.run import ArgumentParser, run_cli
 
 
 def parse_args(argv=None):

@@ -1,14 +1,16 @@
-"""Shared pieces of the CIFAR-10 / ResNet-9 scripts: the model, the data and the task (and their checkpoints).
+"""The CIFAR-10 / ResNet-9 example's model and data, shared by every script (as in the original example).
 
 Not run directly; imported by train.py, analyze.py and the other scripts:
 
-    from pipeline import get_cifar10, TensorBatches, construct_resnet9, ClassificationTask
+    from pipeline import construct_resnet9, get_cifar10, TensorBatches
+
+Checkpoints, the influence task and the device choice are in the example package (example/checkpoints.py,
+example/task.py, example/devices.py).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from influence.storage import safetensors_size, write_atomically
-from influence.task import Task
-from label_files import ArraysOnlyUnpickler, LabelFileError, RefusedPickle, read_label_arrays
+from example.devices import get_device
+from example.errors import PipelineError
+from example.label_files import ArraysOnlyUnpickler, LabelFileError, RefusedPickle, read_label_arrays
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
@@ -31,41 +31,6 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 BATCHES_FOLDER = "cifar-10-batches-py"
 SPLITS = ("train", "eval_train", "valid")
 MAKE_DATA_HINT = f"run once with internet (torchvision downloads it), or copy {BATCHES_FOLDER}/ into the dataset dir"
-
-
-class PipelineError(Exception):
-    """A problem the user can fix (missing data, bad flag, missing checkpoint); printed as one line by run_cli."""
-
-
-def get_device(requested: torch.device | str | None = None) -> torch.device:
-    """This process's device, the one place it is chosen: `requested` ("cpu" or "cuda"), else a GPU when torch
-    sees one, else the CPU. Under torchrun (LOCAL_RANK set) a GPU process gets GPU LOCAL_RANK, made current."""
-    kind = torch.device(requested).type if requested is not None else "cuda" if torch.cuda.is_available() else "cpu"
-    if kind != "cuda":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise PipelineError("a GPU was asked for but torch sees none: use --device cpu, or a torch build with CUDA")
-    if "LOCAL_RANK" not in os.environ:
-        return torch.device(requested if requested is not None else "cuda")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
-    device = torch.device("cuda", local_gpu(local_rank, local_world, torch.cuda.device_count()))
-    torch.cuda.set_device(device)
-    return device
-
-
-def local_gpu(local_rank: int, local_world: int, gpus: int) -> int:
-    """The GPU of a process: one each, since nccl refuses two ranks on one GPU (it would only fail later)."""
-    if gpus == 0:
-        raise PipelineError("a GPU was asked for but none is visible to this process (see CUDA_VISIBLE_DEVICES)")
-    processes = max(local_world, local_rank + 1)
-    if processes > gpus:
-        raise PipelineError(
-            f"{processes} processes on this machine but {gpus} GPU{'s' if gpus > 1 else ''}: nccl needs one GPU "
-            f"per process: run torchrun --nproc_per_node={gpus} (or hide the GPUs, CUDA_VISIBLE_DEVICES=, for CPU "
-            "processes)"
-        )
-    return local_rank
 
 
 # ---- Model ----
@@ -119,137 +84,6 @@ def construct_resnet9() -> nn.Module:
         nn.Linear(128, NUM_CLASSES, bias=False),
         Mul(0.2),
     )
-
-
-# ---- Checkpoints ----
-
-
-def check_label_options(corrupt_percentage: float | None, noisy_labels: object | None) -> None:
-    """The one check of the label options: corrupted labels or human labels, not both, and a fraction in [0, 1]."""
-    if corrupt_percentage is not None and noisy_labels is not None:
-        raise PipelineError("--corrupt_percentage and --noisy_labels cannot be combined")
-    if corrupt_percentage is not None and not 0.0 <= corrupt_percentage <= 1.0:
-        raise PipelineError(f"--corrupt_percentage must be between 0 and 1, got {corrupt_percentage}")
-
-
-def checkpoint_path(
-    checkpoint_dir: str | Path, corrupt_percentage: float | None = None, noisy_labels_key: str | None = None
-) -> Path:
-    """model.safetensors; model_corrupt_{p}.safetensors (p as given, e.g. 0.1); model_noisy_{key}.safetensors."""
-    check_label_options(corrupt_percentage, noisy_labels_key)
-    if corrupt_percentage is not None:
-        return Path(checkpoint_dir) / f"model_corrupt_{corrupt_percentage}.safetensors"
-    if noisy_labels_key is not None:
-        return Path(checkpoint_dir) / f"model_noisy_{noisy_labels_key}.safetensors"
-    return Path(checkpoint_dir) / "model.safetensors"
-
-
-def save_model(model: nn.Module, path: str | Path) -> None:
-    """Write the state_dict whole or not at all (a temporary file in the same folder, then a rename); a full disk
-    or a folder without write permission is a one-line error."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomically(path, lambda tmp: save_file(state, str(tmp)), safetensors_size(state), "--checkpoint_dir")
-
-
-def load_model(
-    path: str | Path, device: torch.device | str | None = None, train_command: str | None = None
-) -> nn.Module:
-    """A ResNet-9 with the checkpoint's weights, on `device`, in eval mode.
-
-    `train_command` is the train.py command that writes this checkpoint, shown when it is missing or unusable.
-    """
-    path = Path(path)
-    device = torch.device(device) if device is not None else get_device()
-    command = train_command or f"python train.py --checkpoint_dir {path.parent}"
-    if not path.is_file():
-        raise PipelineError(f"no checkpoint at {path}: run train.py first: {command}")
-    try:  # read on the CPU: the model is built there, and a GPU out of memory is not an unreadable file
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as e:
-        raise PipelineError(f"cannot read checkpoint {path}: {_not_safetensors(path, command) or e}") from e
-    model = construct_resnet9()
-    check_state(state, model.state_dict(), path, command)
-    model.load_state_dict(state)
-    return place_model(model, device)
-
-
-def _not_safetensors(path: Path, command: str) -> str | None:
-    """What a file that safetensors cannot read is instead, when it is plainly not a safetensors file (whose first
-    8 bytes are the header's length, then the JSON header): safetensors itself says only "header too large"."""
-    try:
-        with open(path, "rb") as f:
-            start = f.read(9)
-    except OSError:
-        return None
-    if start.startswith(b"PK\x03\x04"):
-        kind = "a zip archive, as torch.save writes"
-    elif len(start) > 1 and start[0] == 0x80 and 2 <= start[1] <= 5:
-        kind = "a pickle, as torch.save (legacy format) or pickle.dump write"
-    elif len(start) < 9 or start[8:9] != b"{":
-        kind = "something else"
-    else:
-        return None
-    # convert_checkpoint.py reads with torch.load(weights_only=True) and writes atomically, so in place is safe.
-    return (
-        f"it is not a safetensors file but {kind}: convert it in place (python convert_checkpoint.py {path} {path}) "
-        f"or retrain it ({command})"
-    )
-
-
-def _few(names: list[str], shown: int = 4) -> str:
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
-
-
-def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, command: str) -> None:
-    """Refuse, in one line naming the tensor, a checkpoint that load_state_dict would take but the analyses could
-    not use: other keys or shapes, integer or bool weights (load_state_dict casts them silently, giving all-zero or
-    NaN scores) and NaN or inf values (every pass would turn them into NaN scores or a crash far from the cause)."""
-    missing = [name for name in expected if name not in state]
-    unexpected = [name for name in state if name not in expected]
-    shapes = [
-        f"{name} {list(state[name].shape)} (ResNet-9: {list(tensor.shape)})"
-        for name, tensor in expected.items()
-        if name in state and state[name].shape != tensor.shape
-    ]
-    if missing or unexpected or shapes:
-        found = [f"missing {_few(missing)}"] if missing else []
-        found += [f"unexpected {_few(unexpected)}"] if unexpected else []
-        found += [f"other shapes: {_few(shapes, 2)}"] if shapes else []
-        raise PipelineError(
-            f"checkpoint {path} does not fit ResNet-9 ({'; '.join(found)}): it was saved from another model; "
-            f"retrain it: {command}"
-        )
-    for name, tensor in state.items():
-        floating = expected[name].is_floating_point()
-        if tensor.is_floating_point() != floating or tensor.dtype == torch.bool:
-            kind = "floating point" if floating else "an integer"
-            raise PipelineError(
-                f"checkpoint {path}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, not {kind}: "
-                f"it was not written by train.py; retrain it: {command}"
-            )
-    # One bool per tensor, so that a whole ResNet-9 is checked in a few milliseconds on the CPU.
-    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if bad:
-        tensor = state[bad[0]]
-        kind = "NaN" if torch.isnan(tensor).any() else "inf"
-        count = int((~torch.isfinite(tensor)).sum())
-        others = f" (so do {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise PipelineError(
-            f"checkpoint {path}: tensor {bad[0]!r} holds {kind} in {count} of {tensor.numel()} values{others}: "
-            f"the training that wrote it diverged or the file was changed; retrain it: {command}"
-        )
-
-
-def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """The model on `device` in eval mode, channels-last on a GPU (tensor-core convolutions prefer NHWC; the
-    influence engine reads any layout), as the scripts and the benchmark run it."""
-    device = torch.device(device)
-    return model.to(device, memory_format=memory_format(device)).eval()
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
 
 # ---- Data: files ----
@@ -328,7 +162,7 @@ def load_cifar10_arrays(dataset_dir: str | Path, train: bool) -> tuple[torch.Ten
 
 def load_noisy_labels(path: str | Path, key: str, clean: torch.Tensor | None = None) -> torch.Tensor:
     """int64 labels stored under `key` (e.g. CIFAR-10N's aggre_label), in training order, from an .npz or the
-    CIFAR-10N release's CIFAR-10_human.pt (read without running its pickle: see label_files.py).
+    CIFAR-10N release's CIFAR-10_human.pt (read without running its pickle: see example/label_files.py).
 
     When the file also holds `clean_label` and `clean` (the dataset's official labels) is given, the two must
     agree: a file in another order than the dataset would pair every image with someone else's label.
@@ -366,6 +200,14 @@ def _label_array(values: np.ndarray, path: Path, key: str) -> torch.Tensor:
 
 
 # ---- Data: label corruption ----
+
+
+def check_label_options(corrupt_percentage: float | None, noisy_labels: object | None) -> None:
+    """The one check of the label options: corrupted labels or human labels, not both, and a fraction in [0, 1]."""
+    if corrupt_percentage is not None and noisy_labels is not None:
+        raise PipelineError("--corrupt_percentage and --noisy_labels cannot be combined")
+    if corrupt_percentage is not None and not 0.0 <= corrupt_percentage <= 1.0:
+        raise PipelineError(f"--corrupt_percentage must be between 0 and 1, got {corrupt_percentage}")
 
 
 def num_corrupted(num_examples: int, corrupt_percentage: float) -> int:
@@ -556,56 +398,3 @@ class TensorBatches:
             if self.augment:
                 x = random_crop_flip(x, gen)
             yield normalize(x), y
-
-
-# ---- Task ----
-
-
-class ClassificationTask(Task):
-    """Summed cross-entropy for training; minus the summed margin for queries."""
-
-    def compute_train_loss(self, batch, model: nn.Module, sample: bool = False) -> torch.Tensor:
-        x, y = batch
-        logits = model(x)
-        if sample:
-            # The "true Fisher": labels drawn from the model's own predictive distribution.
-            with torch.no_grad():
-                probs = torch.softmax(logits.detach().float(), dim=-1)
-                # A row of NaN or inf logits would end in multinomial's long traceback (a device-side assert on a
-                # GPU); drawing its label uniformly instead keeps its loss NaN, so the influence pass stops naming
-                # the layer (influence.passes), with no host-device sync here.
-                probs = torch.where(probs.isfinite().all(dim=-1, keepdim=True), probs, 1.0)
-                y = torch.multinomial(probs, num_samples=1).flatten()
-        return F.cross_entropy(logits, y, reduction="sum")
-
-    def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
-        x, y = batch
-        logits = model(x)
-        rows = torch.arange(len(y), device=logits.device)
-        correct = logits[rows, y]
-        others = logits.clone()
-        others[rows, y] = -torch.inf
-        margins = correct - others.logsumexp(dim=-1)
-        return -margins.sum()
-
-    def tracked_modules(self) -> list[str] | None:
-        return None
-
-
-# ---- Evaluation ----
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: TensorBatches) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over all batches, in eval mode."""
-    was_training = model.training
-    model.eval()
-    # Summed on the device and read once: reading per batch would make the host wait for the GPU every batch.
-    total_loss, correct, count = 0.0, 0, 0
-    for x, y in batches:
-        logits = model(x).float()
-        total_loss = total_loss + F.cross_entropy(logits, y, reduction="sum").double()
-        correct = correct + (logits.argmax(dim=-1) == y).sum()
-        count += len(y)
-    model.train(was_training)
-    return float(total_loss) / max(count, 1), int(correct) / max(count, 1)

@@ -14,24 +14,17 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 from pathlib import Path
 
 import torch
 
-from cli import (
-    NON_NEGATIVE_INT,
-    POSITIVE_INT,
-    STRATEGY_NAMES,
-    ArgumentParser,
-    add_data_flags,
-    add_results_flags,
-    figure_file,
-    read_pairwise_scores,
-    run_cli,
-    save_figure,
-    subplots,
-)
-from pipeline import CLASSES, PipelineError, get_cifar10
+from example.errors import PipelineError
+from example.figures import STRATEGY_NAMES, save_figure, subplots
+from example.flags import NON_NEGATIVE_INT, POSITIVE_INT, add_data_flags, add_results_flags, figure_file
+from example.results import read_pairwise_scores
+from example.run import ArgumentParser, run_cli
+from pipeline import CLASSES, get_cifar10
 
 
 def parse_args(argv=None):

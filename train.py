@@ -33,39 +33,27 @@ from __future__ import annotations
 
 import signal
 
+from example.run import say_if_bf16_is_emulated
+
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 
 import time
 
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cli import (
-    POSITIVE_INT,
-    ArgumentParser,
-    add_checkpoint_flags,
-    add_data_flags,
-    add_label_flags,
-    add_process_flags,
-    is_main,
-    keep_freed_memory,
-    run_cli,
-    say_if_bf16_is_emulated,
-    start_processes,
-)
+from example.checkpoints import check_label_options, checkpoint_path, save_model
+from example.errors import PipelineError
+from example.flags import POSITIVE_INT, add_checkpoint_flags, add_data_flags, add_label_flags, add_process_flags
+from example.hardware import keep_freed_memory
+from example.run import ArgumentParser, is_main, run_cli, start_processes
+from example.task import evaluate
+from example.train_state import partial_path
+from example.training import add_recipe_flags, train_model
 from influence.distributed import Group
-from pipeline import (
-    PipelineError,
-    TensorBatches,
-    check_label_options,
-    checkpoint_path,
-    evaluate,
-    get_cifar10,
-    save_model,
-)
-from recipe import add_recipe_flags, train_model
-from train_state import partial_path
+from pipeline import TensorBatches, get_cifar10
 
 # ---- Arguments ----
 
@@ -84,7 +72,7 @@ def parse_args(argv=None):
         default=None,
         help="report test accuracy on the first N test images (default: all)",
     )
-    add_recipe_flags(parser)  # the recipe (recipe.py), shared with evaluate_lds.py's retrainings
+    add_recipe_flags(parser)  # the recipe (example/training.py), shared with evaluate_lds.py's retrainings
     add_process_flags(parser)
     args = parser.parse_args(argv)
 

@@ -39,6 +39,7 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
+
 import argparse
 import os
 import subprocess
@@ -48,8 +49,9 @@ from pathlib import Path
 
 import torch
 
-from cli import ArgumentParser, folder, run_cli
-from pipeline import PipelineError
+from example.errors import PipelineError
+from example.flags import folder
+from example.run import ArgumentParser, run_cli
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import run_cli, start_processes  # noqa: E402
+from example.run import run_cli, start_processes  # noqa: E402
 from influence import Analyzer, FactorArguments, ScoreArguments  # noqa: E402
 from influence.storage import save_tensors  # noqa: E402
 from tests.reference import TinyTask, batches, make_model  # noqa: E402

@@ -8,7 +8,8 @@ import os
 import torch
 from test_scripts import run
 
-from pipeline import construct_resnet9, load_model
+from example.checkpoints import load_model
+from pipeline import construct_resnet9
 
 
 class Hostile:

@@ -18,11 +18,14 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pipeline
+from example import devices
+from example.devices import get_device, local_gpu
+from example.errors import PipelineError
 from influence import Analyzer, FactorArguments, InfluenceError, flops, storage
 from influence import distributed as influence_distributed
 from influence.capture import Capture, backward_batch
 from influence.modules import find_layers
-from pipeline import CifarData, PipelineError, TensorBatches, get_device, local_gpu
+from pipeline import CifarData, TensorBatches
 from tests.reference import TinyTask, batches, make_model
 from tests.test_scripts import run
 
@@ -159,9 +162,9 @@ def test_a_generator_on_another_device_than_the_images_is_refused():
 
 
 def test_models_are_channels_last_on_a_gpu_only():
-    assert pipeline.memory_format(GPU) == torch.channels_last
-    assert pipeline.memory_format(CPU) == torch.contiguous_format
-    model = pipeline.place_model(pipeline.construct_resnet9(), "cpu")
+    assert devices.memory_format(GPU) == torch.channels_last
+    assert devices.memory_format(CPU) == torch.contiguous_format
+    model = devices.place_model(pipeline.construct_resnet9(), "cpu")
     assert not model.training and model[0][0].weight.is_contiguous()
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_scripts import REPO_ROOT, run
 
-import cli
+from example.hardware import cpu_bf16_units, emulated_bf16_note
 
 # ---- Flags and paths: one line, exit 2, nothing written ----
 
@@ -105,16 +105,16 @@ def test_paths_in_the_way_are_refused_before_any_work(tmp_path, fake_cifar_dir):
     ],
 )
 def test_bf16_units_from_cpu_flags(flags, units):
-    assert cli.cpu_bf16_units(flags) == units
+    assert cpu_bf16_units(flags) == units
 
 
 def test_emulated_bf16_is_said_in_one_line():
     cpu = torch.device("cpu")
-    note = cli.emulated_bf16_note(cpu, half=True, units=None)
+    note = emulated_bf16_note(cpu, half=True, units=None)
     assert note.startswith("note: this CPU has no bf16 units") and "\n" not in note and "emulated" in note
-    assert cli.emulated_bf16_note(cpu, half=True, units="AMX") is None
-    assert cli.emulated_bf16_note(cpu, half=False, units=None) is None
-    assert cli.emulated_bf16_note(torch.device("cuda"), half=True, units=None) is None
+    assert emulated_bf16_note(cpu, half=True, units="AMX") is None
+    assert emulated_bf16_note(cpu, half=False, units=None) is None
+    assert emulated_bf16_note(torch.device("cuda"), half=True, units=None) is None
 
 
 # ---- The walk-through's steps ----
@@ -139,7 +139,7 @@ def test_a_stop_reaches_the_running_step_and_the_walkthrough_waits_for_it(tmp_pa
         from pathlib import Path
         sys.path.insert(0, {str(REPO_ROOT)!r})
         import walkthrough
-        from cli import run_cli
+        from example.run import run_cli
         run_cli(lambda: walkthrough.run_step("step", [sys.executable, {str(tmp_path / "step.py")!r},
             {str(saved)!r}], {{}}, Path({str(tmp_path)!r}), "the step"))
         """)

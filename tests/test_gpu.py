@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pipeline
+from example import devices
 from influence.storage import load_tensors, save_tensors
 from tests import engine_worker
 from tests.test_distributed import assert_same, launch
@@ -40,7 +41,7 @@ def test_training_batches_never_make_the_host_wait_for_the_gpu():
 
 @needs_gpu
 def test_models_are_channels_last_and_factors_load_onto_the_gpu(tmp_path):
-    model = pipeline.place_model(pipeline.construct_resnet9(), "cuda")
+    model = devices.place_model(pipeline.construct_resnet9(), "cuda")
     assert model[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     save_tensors(tmp_path / "f.safetensors", {"a": torch.ones(3)})
     assert load_tensors(tmp_path / "f.safetensors", "cuda")["a"].device.type == "cuda"

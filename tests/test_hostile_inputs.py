@@ -15,9 +15,12 @@ from fake_cifar import write_fake_cifar10
 from safetensors.torch import save_file
 from test_scripts import run
 
+from example.checkpoints import load_model
+from example.errors import PipelineError
+from example.task import ClassificationTask
 from influence import Analyzer, FactorArguments, InfluenceError
 from influence.storage import load_tensors
-from pipeline import ClassificationTask, PipelineError, construct_resnet9, load_cifar10_arrays, load_model
+from pipeline import construct_resnet9, load_cifar10_arrays
 from tests.reference import TinyTask, batches, make_model
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_scripts import NUM_TRAIN, run
 
-from label_files import LabelFileError, read_label_arrays
-from pipeline import PipelineError, load_cifar10_arrays, load_noisy_labels
+from example.errors import PipelineError
+from example.label_files import LabelFileError, read_label_arrays
+from pipeline import load_cifar10_arrays, load_noisy_labels
 
 
 def release_like(clean: np.ndarray) -> dict[str, np.ndarray]:

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lds
-from pipeline import ClassificationTask, construct_resnet9, get_cifar10
+from example import lds
+from example.task import ClassificationTask
+from pipeline import construct_resnet9, get_cifar10
 from tests.test_preemption import assert_stopped, signal_at
 from tests.test_scripts import run, torchrun
 

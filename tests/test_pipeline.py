@@ -16,20 +16,18 @@ import torch
 from torch import nn
 
 import pipeline
-from cli import run_cli
+from example.checkpoints import checkpoint_path, load_model, save_model
+from example.errors import PipelineError
+from example.run import run_cli
+from example.task import ClassificationTask
 from pipeline import (
     CifarData,
-    ClassificationTask,
-    PipelineError,
     TensorBatches,
-    checkpoint_path,
     construct_resnet9,
     corrupt_labels,
     get_cifar10,
-    load_model,
     load_noisy_labels,
     random_crop_flip,
-    save_model,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

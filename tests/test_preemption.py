@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 
 import influence.storage
 import pipeline
+from example import checkpoints
 from influence import InfluenceError, interrupt
 from influence.storage import load_tensors
 from tests import engine_worker
@@ -262,11 +263,11 @@ def test_a_full_disk_is_one_line_and_leaves_whole_files(trained, tmp_path, monke
 
     model = pipeline.construct_resnet9()
     checkpoint = tmp_path / "checkpoints" / "model.safetensors"
-    pipeline.save_model(model, checkpoint)
-    monkeypatch.setattr(pipeline, "save_file", no_space)
+    checkpoints.save_model(model, checkpoint)
+    monkeypatch.setattr(checkpoints, "save_file", no_space)
     with pytest.raises(InfluenceError, match=r"cannot write .*model.safetensors: no space .*--checkpoint_dir$"):
-        pipeline.save_model(pipeline.construct_resnet9(), checkpoint)
-    pipeline.load_model(checkpoint, "cpu")  # the earlier checkpoint is whole
+        checkpoints.save_model(pipeline.construct_resnet9(), checkpoint)
+    checkpoints.load_model(checkpoint, "cpu")  # the earlier checkpoint is whole
     assert sorted(path.name for path in checkpoint.parent.iterdir()) == ["model.safetensors"]
 
     error = influence.storage.write_error(Path("x"), PermissionError(errno.EACCES, "Permission denied"), None, "--f")

@@ -16,13 +16,15 @@ import pytest
 import torch
 from fake_cifar import write_fake_cifar10
 
-import cli
-import recipe
 from detect_mislabeled_dataset import INSPECTED, degenerate, detection_curve, roc_auc
+from example import training
+from example.checkpoints import save_model
+from example.errors import PipelineError
+from example.results import data_fingerprint
 from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments, interrupt
 from influence.precondition import LayerPreconditioner
 from influence.storage import LOCK_NAME, load_tensors
-from pipeline import PipelineError, construct_resnet9, load_cifar10_arrays, save_model
+from pipeline import construct_resnet9, load_cifar10_arrays
 from tests.reference import TinyTask, batches, make_model
 from tests.test_scripts import run
 
@@ -88,14 +90,14 @@ def test_the_data_fingerprint_sees_every_byte_and_is_cheap():
     images = torch.zeros(50_000, 3, 32, 32, dtype=torch.uint8)
     labels = torch.zeros(50_000, dtype=torch.int64)
     start = time.perf_counter()
-    first = cli.data_fingerprint(images, labels)
+    first = data_fingerprint(images, labels)
     assert time.perf_counter() - start < 1.0
-    assert cli.data_fingerprint(images.clone(), labels.clone()) == first
+    assert data_fingerprint(images.clone(), labels.clone()) == first
     images[-1, 2, 31, 31] ^= 1
-    assert cli.data_fingerprint(images, labels) != first
+    assert data_fingerprint(images, labels) != first
     images[-1, 2, 31, 31] ^= 1
     labels[-1] = (labels[-1] + 1) % 10
-    assert cli.data_fingerprint(images, labels) != first
+    assert data_fingerprint(images, labels) != first
 
 
 def test_a_changed_dataset_is_not_reused(fake_cifar_dir, checkpoints, tmp_path):
@@ -145,7 +147,7 @@ def test_evaluate_lds_refuses_retrainings_of_other_data(fake_cifar_dir, tmp_path
     def no_training(*args, **kwargs):
         raise Trained  # the settings are checked before any model trains; nothing beyond that is needed here
 
-    monkeypatch.setattr(recipe, "train_model", no_training)
+    monkeypatch.setattr(training, "train_model", no_training)
     out = tmp_path / "lds"
     args = ["--output_dir", str(out), "--num_train", "16", "--num_queries", "4", "--num_subsets", "3"]
     with pytest.raises(Trained):

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from example.checkpoints import load_model
 from influence.storage import load_tensors
-from pipeline import load_cifar10_arrays, load_model
+from pipeline import load_cifar10_arrays
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM_TRAIN, NUM_QUERIES = 64, 6
@@ -340,7 +341,7 @@ def test_walkthrough_arguments(tmp_path):
 def test_default_train_batch_size_follows_the_device():
     from argparse import Namespace
 
-    from cli import train_batch_size
+    from example.flags import train_batch_size
 
     assert train_batch_size(Namespace(train_batch_size=None), torch.device("cuda")) == 512
     assert train_batch_size(Namespace(train_batch_size=None), torch.device("cpu")) == 128

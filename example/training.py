@@ -8,7 +8,7 @@ so both run the same code:
 
 The recipe is the original example's: SGD (momentum 0 by default), the learning rate rising linearly per step to
 its peak at 20% of training and falling linearly to 0, weight decay, random crops and flips, batches reshuffled
-every epoch from --seed + epoch, initial weights from --seed. The training state (train_state.py) is saved every
+every epoch from --seed + epoch, initial weights from --seed. The training state (example/train_state.py) is saved every
 --save_interval seconds, at a stop, and when the last epoch ends; a run with the same recipe resumes from it to the
 weights an uninterrupted run makes (bit for bit on the CPU).
 """
@@ -28,11 +28,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cli import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, bf16_hardware_note, seed
+from example.errors import PipelineError
+from example.flags import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, seed
+from example.hardware import bf16_hardware_note
+from example.train_state import read_training_state, restore_training_state, save_training_state
 from influence import interrupt
 from influence.storage import first_difference
-from pipeline import CifarData, PipelineError, TensorBatches, construct_resnet9
-from train_state import read_training_state, restore_training_state, save_training_state
+from pipeline import CifarData, TensorBatches, construct_resnet9
 
 # Fraction of training at which the learning rate peaks (epoch 5 of the original 25).
 WARMUP_FRACTION = 0.2

@@ -1,0 +1,34 @@
+"""Figures: drawn off-screen, saved whole or not at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from influence.storage import write_atomically
+
+# ---- Figures ----
+
+
+# How figures and tables name the strategies.
+STRATEGY_NAMES = {"identity": "identity", "diagonal": "diagonal", "kfac": "K-FAC", "ekfac": "EK-FAC"}
+
+
+def subplots(*args, **kwargs):
+    """matplotlib's (figure, axes), drawn off-screen (no display needed); save with save_figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Lay a matplotlib figure out and save it whole or not at all, creating its folder."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=150), folder="--figure")
+    finally:
+        plt.close(fig)

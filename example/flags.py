@@ -1,0 +1,222 @@
+"""The scripts' flags, declared once: value types that refuse a bad value while the flags are read, and the
+groups each script adds in one line (add_data_flags, add_checkpoint_flags, add_label_flags, add_results_flags,
+add_influence_flags, add_process_flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from example.errors import PipelineError
+from example.hardware import bf16_hardware_note
+from influence import STRATEGIES
+
+# ---- Flag types: a bad value is refused while the flags are read, in one line, before any work starts ----
+
+
+def number(low: float = 0.0, positive: bool = False, kind: type = float) -> Callable[[str], float]:
+    """An argparse type: a finite number of `kind` at least `low` (above it when `positive`)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (float("-inf") < value < float("inf")) or value < low or (positive and value == low):
+            expected = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"expected {expected} {'>' if positive else '>='} {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = number(0, positive=True, kind=int)
+NON_NEGATIVE_INT = number(0, kind=int)
+NON_NEGATIVE = number(0)
+POSITIVE = number(0, positive=True)
+
+
+def seed(text: str) -> int:
+    """An argparse type: a seed torch.manual_seed takes (0 <= seed < 2**63)."""
+    value = NON_NEGATIVE_INT(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"a seed must be below 2**63, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a fraction strictly between 0 and 1 (of the training labels to corrupt)."""
+    value = POSITIVE(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (0.1 is 10%), got {text}")
+    return value
+
+
+def folder(text: str) -> str:
+    """An argparse type: a folder that is there or can be made, so that no file stands where it or a parent goes."""
+    path = Path(text).expanduser()
+    for place in (path, *path.parents):
+        if place.exists():
+            if not place.is_dir():
+                raise argparse.ArgumentTypeError(f"{place} is a file, not a folder: choose another folder")
+            break
+    return str(path)
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "tif", "tiff", "webp", "eps", "ps")
+
+
+def figure_file(text: str) -> str:
+    """An argparse type: a picture's file name, whose extension is a format matplotlib writes."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder: give a file name, such as {path / 'figure.png'}")
+    if path.suffix.lower().lstrip(".") not in FIGURE_FORMATS:
+        raise argparse.ArgumentTypeError(f"{path}: end the name with .png, .pdf or .svg (the format to draw in)")
+    folder(str(path.parent))
+    return str(path)
+
+
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dist_timeout",
+        type=POSITIVE,
+        default=600.0,
+        help="under torchrun: seconds a process waits for another before it stops with an error (default 600)",
+    )
+
+
+# ---- Influence runs: flags and settings shared by analyze.py, detect_mislabeled_dataset.py and bench.py ----
+
+
+# What "fp32" means on a GPU: torch's default, which the original example ran with (docs/gpu.md).
+FP32_POLICY = "fp32, with torch's default on a GPU: convolutions in TF32 (cuDNN), matrix products in fp32"
+
+
+# ---- Flag groups: each script adds the ones it needs in one line ----
+
+
+def add_data_flags(parser: argparse.ArgumentParser, num_train: bool = False) -> None:
+    """--dataset_dir, and --num_train for the scripts that train on, or score, the training set."""
+    parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/ (default ./data)")
+    if num_train:
+        parser.add_argument(
+            "--num_train",
+            type=POSITIVE_INT,
+            default=None,
+            help="use the first N training examples (default: all 50,000)",
+        )
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint_dir",
+        type=folder,
+        default="./checkpoints",
+        help="folder of the trained checkpoints, created by train.py if missing (default ./checkpoints)",
+    )
+
+
+def add_label_flags(parser: argparse.ArgumentParser, corrupt_percentage: float | None = None) -> None:
+    """The training labels a checkpoint was trained on, which also pick its file in --checkpoint_dir."""
+    parser.add_argument(
+        "--corrupt_percentage",
+        type=fraction,
+        default=corrupt_percentage,
+        help="fraction p of training labels corrupted: train.py gives the first ceil(p*N) examples a wrong label "
+        f"and saves model_corrupt_{{p}}.safetensors (default {corrupt_percentage})",
+    )
+    parser.add_argument(
+        "--noisy_labels",
+        default=None,
+        help="file of given training labels (.npz, or CIFAR-10N's CIFAR-10_human.pt); replaces "
+        "--corrupt_percentage; train.py saves model_noisy_{key}.safetensors",
+    )
+    parser.add_argument(
+        "--noisy_labels_key", default="aggre_label", help="array to use in --noisy_labels (default: aggre_label)"
+    )
+
+
+def add_results_flags(parser: argparse.ArgumentParser) -> None:
+    """Where factors and scores are, and which: the flags of the scripts that compute them and of those that read."""
+    parser.add_argument(
+        "--output_dir", type=folder, default="./influence_results", help="where factors and scores are saved"
+    )
+    parser.add_argument(
+        "--factor_strategy",
+        default="ekfac",
+        choices=STRATEGIES,
+        help="curvature used to precondition gradients (default: ekfac)",
+    )
+
+
+def add_influence_flags(parser: argparse.ArgumentParser) -> None:
+    add_results_flags(parser)
+    parser.add_argument(
+        "--use_half_precision",
+        action="store_true",
+        help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half; "
+        f"{bf16_hardware_note()}); without it {FP32_POLICY}",
+    )
+    parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
+    parser.add_argument(
+        "--train_batch_size",
+        type=int,
+        default=None,
+        help="training examples per forward/backward in the influence passes (default: 512 on a GPU, 128 on the "
+        "CPU, where larger batches were slower and used more memory)",
+    )
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="recompute factors and scores even if saved ones exist"
+    )
+    parser.add_argument(
+        "--damping_factor",
+        type=parse_damping,
+        default=1e-8,
+        help="number added to the curvature eigenvalues, or 'heuristic' for 0.1 * mean(Lambda)",
+    )
+    parser.add_argument(
+        "--use_empirical_fisher",
+        action="store_true",
+        help="fit factors with the dataset labels instead of labels sampled from the model",
+    )
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the label sampling for the true Fisher")
+    parser.add_argument(
+        "--save_interval",
+        type=NON_NEGATIVE,
+        default=120.0,
+        help="seconds between saves of a pass's partial results, from which a killed run resumes (default 120)",
+    )
+    add_process_flags(parser)
+
+
+def parse_damping(text: str) -> float | None:
+    if text == "heuristic":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'heuristic', got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"damping must be a finite number >= 0 or 'heuristic', got {text}")
+    return value
+
+
+def check_sizes(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise PipelineError(f"--{name} must be a positive number, got {value}")
+
+
+def train_batch_size(args: argparse.Namespace, device: torch.device) -> int:
+    """--train_batch_size, or the device's default: a GPU wants large batches; on a 2-core CPU, batches of 512
+    made detection on 512 images 8% slower than 128 or 64 (mostly in the covariance pass) and used more memory."""
+    if args.train_batch_size is not None:
+        return args.train_batch_size
+    return 512 if device.type == "cuda" else 128

@@ -1,0 +1,76 @@
+"""What this machine offers: bf16 units on the CPU, and glibc's handling of freed memory."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+# ---- bf16 on the CPU ----
+
+
+def cpu_bf16_units(flags: str | None = None) -> str | None:
+    """The CPU's bf16 product units, from its feature flags (/proc/cpuinfo's `flags` or `Features` words): "AMX"
+    (amx_bf16: Intel Xeon since Sapphire Rapids), "AVX-512 BF16" (avx512_bf16: AMD since Zen 4, Intel Cooper Lake),
+    "Arm BF16" (bf16: Armv8.6), or None, where torch emulates bf16 products in fp32 and they run slower than fp32.
+    Without /proc/cpuinfo (macOS, Windows) torch's own x86 checks answer."""
+    if flags is None:
+        flags = _cpu_flags()
+    if flags is None:
+        if torch.cpu._is_amx_tile_supported():
+            return "AMX"
+        return "AVX-512 BF16" if torch.cpu._is_avx512_bf16_supported() else None
+    words = set(flags.lower().split())
+    for flag, units in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("bf16", "Arm BF16")):
+        if flag in words:
+            return units
+    return None
+
+
+def cpu_info_lines() -> list[str]:
+    """/proc/cpuinfo's lines, or none where there is no such file (macOS, Windows)."""
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def _cpu_flags() -> str | None:
+    found = [line.split(":", 1)[1] for line in cpu_info_lines() if line.split(":")[0].strip() in ("flags", "Features")]
+    return found[0] if found else None
+
+
+def bf16_hardware_note() -> str:
+    """What bf16 costs on this machine, for the help of --use_half_precision."""
+    if torch.cuda.is_available():
+        return "this machine's GPU: " + ("bf16 units" if torch.cuda.is_bf16_supported() else "no bf16 units")
+    units = cpu_bf16_units()
+    return f"this CPU has {units} units" if units else "this CPU has no bf16 units: emulated, slower than fp32"
+
+
+def emulated_bf16_note(device: torch.device, half: bool, units: str | None = "unknown") -> str | None:
+    """The one line said when bf16 is asked for on a CPU that emulates it, else None."""
+    units = cpu_bf16_units() if units == "unknown" else units
+    if not half or device.type != "cpu" or units is not None:
+        return None
+    return "note: this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 is emulated and slower than fp32 here"
+
+
+# ---- Memory ----
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of handing it back to the OS after every batch.
+
+    The influence passes allocate and free host tensors of hundreds of MB per batch. By default glibc maps each
+    one afresh, and the kernel faults in and zeroes every page: on the CPU that cost about as much as the copies
+    themselves (patch extraction ran 3x faster with this). The process keeps its peak memory. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)

@@ -1,0 +1,165 @@
+"""How each script runs: one-line errors and exit codes, signals, and the processes of a torchrun job.
+
+from example.run import ArgumentParser, run_cli, start_processes
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from example.devices import get_device
+from example.errors import PipelineError
+from example.flags import check_sizes, train_batch_size
+from example.hardware import emulated_bf16_note, keep_freed_memory
+from influence import InfluenceError
+from influence import distributed as influence_distributed
+from influence import interrupt as influence_interrupt
+
+# ---- Errors and arguments ----
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is reported in one line (no usage dump), like every other error here."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(): expected errors become `error: ...` on stderr and exit status 2.
+
+    Under torchrun a failing rank first leaves a note naming itself, which the other ranks report when the
+    collective they wait in fails; a rank that succeeds waits for the others before it leaves.
+
+    SIGTERM (a scheduler's preemption) and SIGINT stop a pass or training at its next batch boundary, where it
+    saves what it has (influence/interrupt.py); rank 0 says in one line what was saved, and every rank exits
+    with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT).
+    """
+    if threading.current_thread() is threading.main_thread():  # the scripts silenced Ctrl-C while torch loaded
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    with influence_interrupt.handling():
+        try:
+            main()
+            if end_processes(success=True):
+                leave(0, was_distributed=True)
+        except (PipelineError, InfluenceError) as e:
+            influence_distributed.publish_failure(str(e))
+            print(f"error: {e}", file=sys.stderr)
+            leave(2, end_processes(success=False))
+        except influence_interrupt.Interrupted as e:
+            if e.saved is None:  # stopped alone, outside a pass: ranks waiting for this one stop, naming it
+                influence_distributed.publish_failure(e.message())
+            if is_main():
+                print(e.message(), file=sys.stderr)
+            leave(e.exit_status, end_processes(success=False))
+        except KeyboardInterrupt:
+            influence_distributed.publish_failure("interrupted")
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:
+            influence_distributed.publish_failure(f"{type(e).__name__}: {e}")
+            raise
+
+
+def leave(status: int, was_distributed: bool) -> None:
+    """Exit with `status`. A torchrun worker skips the interpreter's teardown: once the process group is destroyed,
+    torch's C++ objects freed at interpreter exit can abort a finished rank ("terminate called without an active
+    exception"), turning a run whose files are all written into a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if was_distributed:
+        os._exit(status)
+    sys.exit(status)
+
+
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that prints results and draws figures."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# ---- Several processes (torchrun) ----
+
+
+def start_processes(timeout: float, device: torch.device | str | None = None) -> torch.device:
+    """This process's device; under torchrun (WORLD_SIZE > 1) it first joins the process group.
+
+    One process per device: nccl with GPU LOCAL_RANK when there are GPUs, gloo on the CPU otherwise; `device`
+    ("cpu" or "cuda") chooses instead of the GPUs' presence (bench.py --device, the CPU tests on a GPU host).
+    `timeout` (seconds) bounds every wait for another rank, so a rank that hangs or dies stops the others.
+    """
+    world = environment_int("WORLD_SIZE", 1)
+    if world == 1 or (dist.is_available() and dist.is_initialized()):
+        return get_device(device)
+    if not dist.is_available():
+        raise PipelineError("this torch build has no torch.distributed: run one process (python, not torchrun)")
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing:
+        raise PipelineError(f"WORLD_SIZE is set but {missing[0]} is not: start the processes with torchrun")
+    rank, host, port = environment_int("RANK", 0), os.environ["MASTER_ADDR"], environment_int("MASTER_PORT", 0)
+    wait = timedelta(seconds=timeout)
+    device = get_device(device)
+    # torchrun's agent hosts the rendezvous store; processes started by hand (the tests) let rank 0 host it.
+    hosted_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    try:
+        store = dist.TCPStore(host, port, world, is_master=rank == 0 and not hosted_by_agent, timeout=wait)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, store=dist.PrefixStore("influence_pg", store), rank=rank, world_size=world, timeout=wait
+        )
+    except (RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PipelineError(f"rank {rank} could not join the other processes at {host}:{port}: {first}") from None
+    influence_distributed.remember_store(dist.PrefixStore("influence", store), wait)
+    return device
+
+
+def environment_int(name: str, default: int) -> int:
+    """An integer from the environment (torchrun's WORLD_SIZE, RANK...), or a one-line error naming it."""
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise PipelineError(
+            f"{name}={text!r} is not an integer: unset it, or start the processes with torchrun"
+        ) from None
+
+
+def end_processes(success: bool) -> bool:
+    """Leave the process group (after the others, on success); whether there was one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if success:  # rank 0 may host the store: nobody leaves while another still needs it
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
+    influence_distributed.forget_groups()
+    dist.destroy_process_group()
+    return True
+
+
+def start_influence_run(args: argparse.Namespace, *sizes: str) -> torch.device:
+    """What analyze.py and detect_mislabeled_dataset.py do first: check the `sizes` flags, keep freed memory, join
+    the other processes; returns the device, with --train_batch_size set for it."""
+    check_sizes(args, *sizes)
+    keep_freed_memory()
+    device = start_processes(args.dist_timeout)
+    args.train_batch_size = train_batch_size(args, device)
+    say_if_bf16_is_emulated(device, args.use_half_precision)
+    return device
+
+
+def say_if_bf16_is_emulated(device: torch.device, half: bool) -> None:
+    note = emulated_bf16_note(device, half)
+    if note is not None and is_main():
+        print(note, file=sys.stderr, flush=True)
