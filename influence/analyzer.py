@@ -149,7 +149,7 @@ class Analyzer:
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError (the same class) needs torch 2.5
             raise InfluenceError(
                 f"out of memory on {self.device} in '{desc}' with batches of {capture.batch_size}: "
-                "use smaller batches (--train_batch_size, --query_batch_size)"
+                "use smaller batches (train_batch_size, query_batch_size)"
             ) from None
 
     def _one_batch(self, batch: Any, step: Callable[..., None], loss: str, half: bool, desc: str) -> None:
@@ -305,7 +305,7 @@ class Analyzer:
 
     def load_factor_arguments(self, factors_name: str) -> FactorArguments:
         path = self.factors_folder(factors_name) / FACTOR_ARGUMENTS
-        missing = f"no factors named {factors_name!r} in {path.parent}: fit them first (fit_all_factors, or analyze.py)"
+        missing = f"no factors named {factors_name!r} in {path.parent}: fit them first (fit_all_factors)"
         saved = self.store.read_json(path, missing)
         saved.pop("modules", None)
         try:
