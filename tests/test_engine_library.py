@@ -78,3 +78,55 @@ def test_the_wheel_holds_the_engine_alone(tmp_path):
     metadata = zipfile.ZipFile(wheel).read(f"{dist_info.pop()}/METADATA").decode()
     requires = sorted(re.findall(r"^Requires-Dist: ([\w-]+)", metadata, flags=re.M))
     assert requires == ["numpy", "safetensors", "scipy", "torch", "tqdm"], requires
+
+
+def test_the_public_api_is_importable_from_the_package():
+    import influence
+
+    missing = [name for name in influence.__all__ if not hasattr(influence, name)]
+    assert not missing, missing
+    assert len(set(influence.__all__)) == len(influence.__all__)
+    from influence import interrupt  # a module as well as the home of handling and Interrupted
+
+    assert interrupt.handling is influence.handling and interrupt.Interrupted is influence.Interrupted
+
+
+def test_one_object_per_strategy():
+    from influence import (
+        ALL_STRATEGIES,
+        STRATEGIES,
+        STRATEGY_LABELS,
+        FactorArguments,
+        InfluenceError,
+        get_strategy,
+    )
+
+    assert STRATEGIES == ("identity", "diagonal", "kfac", "ekfac")
+    assert tuple(strategy.name for strategy in ALL_STRATEGIES) == STRATEGIES
+    assert STRATEGY_LABELS == {"identity": "identity", "diagonal": "diagonal", "kfac": "K-FAC", "ekfac": "EK-FAC"}
+    assert [get_strategy(name).label for name in STRATEGIES] == ["identity", "diagonal", "K-FAC", "EK-FAC"]
+    needs = {name: (get_strategy(name).eigenbasis, get_strategy(name).fits_lambda) for name in STRATEGIES}
+    assert needs == {
+        "identity": (False, False),
+        "diagonal": (False, True),
+        "kfac": (True, False),
+        "ekfac": (True, True),
+    }
+    assert get_strategy("identity").factor_kinds() == [] and get_strategy("diagonal").factor_kinds() == [
+        "lambda_matrix"
+    ]
+    assert get_strategy("kfac").factor_kinds() == get_strategy("ekfac").factor_kinds()
+    assert get_strategy("kfac").factor_kinds()[-1] == "lambda_matrix"
+    assert FactorArguments(strategy=get_strategy("kfac")).strategy == "kfac"  # saved as its name
+    with pytest.raises(InfluenceError, match=r"^unknown factor strategy 'EK-FAC': choose one of identity, diagonal"):
+        get_strategy("EK-FAC")
+
+
+def test_the_engine_names_no_script_and_no_flag():
+    """Its messages, defaults and comments speak of the Analyzer's arguments; the scripts translate them."""
+    found = []
+    for path in sorted((REPO_ROOT / "influence").glob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if re.search(r"--[a-z]|\b\w+\.py\b", line):
+                found.append(f"{path.name}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
