@@ -1,8 +1,89 @@
-"""Influence functions (training-data attribution) with EK-FAC, K-FAC, diagonal and identity curvature."""
+"""Influence functions (training-data attribution) with EK-FAC, K-FAC, diagonal and identity curvature.
 
+Everything a program built on the engine needs is importable from here (`from influence import Analyzer, ...`);
+the submodules flops, interrupt and distributed are importable as modules too. docs/engine.md lists the API.
+"""
+
+from influence import distributed, flops, interrupt
 from influence.analyzer import Analyzer
-from influence.arguments import STRATEGIES, FactorArguments, ScoreArguments
+from influence.arguments import FactorArguments, ScoreArguments
+from influence.distributed import Group, control_group, forget_groups, publish_failure, remember_store
 from influence.errors import InfluenceError
+from influence.interrupt import Interrupted, handling
+from influence.profiler import synchronize
+from influence.storage import (
+    FACTOR_ARGUMENTS,
+    PAIRWISE_SCORES,
+    SCORE_ARGUMENTS,
+    SELF_SCORES,
+    Store,
+    first_difference,
+    load_partial,
+    load_tensors,
+    partial_path,
+    read_json,
+    safetensors_size,
+    save_partial,
+    save_tensors,
+    write_atomically,
+)
+from influence.strategies import (
+    ALL_STRATEGIES,
+    DIAGONAL,
+    EKFAC,
+    IDENTITY,
+    KFAC,
+    STRATEGIES,
+    STRATEGY_LABELS,
+    Strategy,
+    get_strategy,
+)
 from influence.task import Task
 
-__all__ = ["Analyzer", "FactorArguments", "InfluenceError", "STRATEGIES", "ScoreArguments", "Task"]
+__all__ = [
+    # fitting and scoring
+    "Analyzer",
+    "FactorArguments",
+    "ScoreArguments",
+    "Task",
+    "InfluenceError",
+    # strategies
+    "STRATEGIES",
+    "STRATEGY_LABELS",
+    "ALL_STRATEGIES",
+    "Strategy",
+    "get_strategy",
+    "IDENTITY",
+    "DIAGONAL",
+    "KFAC",
+    "EKFAC",
+    # several processes
+    "Group",
+    "control_group",
+    "publish_failure",
+    "remember_store",
+    "forget_groups",
+    "distributed",
+    # stopping on SIGTERM and SIGINT
+    "handling",
+    "Interrupted",
+    "interrupt",
+    # timing and FLOP counts
+    "synchronize",
+    "flops",
+    # results on disk
+    "FACTOR_ARGUMENTS",
+    "SCORE_ARGUMENTS",
+    "PAIRWISE_SCORES",
+    "SELF_SCORES",
+    "Store",
+    "load_tensors",
+    "save_tensors",
+    "read_json",
+    "write_atomically",
+    "safetensors_size",
+    "first_difference",
+    "partial_path",
+    "save_partial",
+    "load_partial",
+]

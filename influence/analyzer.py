@@ -53,32 +53,14 @@ from influence.storage import (
     Store,
     partial_path,
 )
+from influence.strategies import COVARIANCES, EIGENDECOMPOSITION, LAMBDA, Strategy, get_strategy
 from influence.task import Task
 
-COVARIANCES = ("activation_covariance", "gradient_covariance")
-EIGENDECOMPOSITION = (
-    "activation_eigenvalues",
-    "activation_eigenvectors",
-    "gradient_eigenvalues",
-    "gradient_eigenvectors",
-)
-LAMBDA = "lambda_matrix"
 # Largest a, g or per-example-gradient tensor handed to a step at once, in elements, on the CPU: 256 MB in fp32.
 # Measured on a 2-core CPU (EK-FAC factors and self-influence of 512 images): batches of 512 in chunks of this
 # size ran as fast as the best plain batch size, where whole batches of 512 took 30% longer and twice the memory,
 # re-faulting hundreds of MB of fresh pages per layer. GPUs take whole batches.
 CPU_MAX_ELEMENTS = 2**26
-
-
-def _needs(strategy: str) -> tuple[bool, bool]:
-    """(covariance + eigendecomposition, Lambda pass) for a strategy."""
-    return strategy in ("kfac", "ekfac"), strategy in ("ekfac", "diagonal")
-
-
-def _factor_kinds(strategy: str) -> list[str]:
-    """The factor files a strategy leaves on disk, in the order they are made."""
-    eigen, fit_lambda = _needs(strategy)
-    return (list(COVARIANCES) + list(EIGENDECOMPOSITION) if eigen else []) + ([LAMBDA] if eigen or fit_lambda else [])
 
 
 def batch_seed(seed: int, offset: int, count: int) -> int:
@@ -167,7 +149,7 @@ class Analyzer:
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError (the same class) needs torch 2.5
             raise InfluenceError(
                 f"out of memory on {self.device} in '{desc}' with batches of {capture.batch_size}: "
-                "use smaller batches (--train_batch_size, --query_batch_size)"
+                "use smaller batches (train_batch_size, query_batch_size)"
             ) from None
 
     def _one_batch(self, batch: Any, step: Callable[..., None], loss: str, half: bool, desc: str) -> None:
@@ -220,21 +202,21 @@ class Analyzer:
     ) -> dict[str, dict[str, torch.Tensor]]:
         """Fit (or reuse) every factor the strategy needs; each step is saved as it ends, so a rerun resumes."""
         args = factor_args or FactorArguments()
+        strategy = get_strategy(args.strategy)
         folder = self.factors_folder(factors_name)
         recorded = {**to_dict(args), "modules": [layer.name for layer in self.layers]}
-        results = [folder / f"{kind}.safetensors" for kind in _factor_kinds(args.strategy)]
+        results = [folder / f"{kind}.safetensors" for kind in strategy.factor_kinds()]
 
         def claimed() -> Path | None:  # scores that a stopped run was making from these factors
             return self.store.unfinished_scores(factors_name, to_dict(args))
 
         with self.store.writing(folder):
             self.store.prepare(folder, FACTOR_ARGUMENTS, recorded, "factors", overwrite_output_dir, results, claimed)
-            eigen, fit_lambda = _needs(args.strategy)
-            if eigen:
+            if strategy.eigenbasis:
                 self._fit_covariance(folder, dataset, args)
-                self._perform_eigendecomposition(folder, args)
-            if fit_lambda:
-                self._fit_lambda(folder, dataset, args)
+                self._perform_eigendecomposition(folder, strategy)
+            if strategy.fits_lambda:
+                self._fit_lambda(folder, dataset, args, strategy)
             with self.profiler.record("Load All Factors"):
                 return self.load_all_factors(factors_name)
 
@@ -261,11 +243,11 @@ class Analyzer:
         job.save_record = "Save Covariance"
         self._factor_pass(job, accumulator.update, args, self.dtype)
 
-    def _perform_eigendecomposition(self, folder: Path, args: FactorArguments) -> None:
+    def _perform_eigendecomposition(self, folder: Path, strategy: Strategy) -> None:
         """Rank 0 reads the covariances and shares them; each rank decomposes its share of them (the one step of a
         factor fit that is not a pass over the data, so it would otherwise bound the speed-up); rank 0 saves."""
         done = [folder / f"{name}.safetensors" for name in EIGENDECOMPOSITION]
-        if args.strategy == "kfac":
+        if strategy.lambda_from_eigenvalues:
             done.append(folder / f"{LAMBDA}.safetensors")
         if self.store.exists(*done):
             return
@@ -291,7 +273,7 @@ class Analyzer:
             self.group.sum_to_main([tensor for tensors in results.values() for tensor in tensors.values()])
         with self.profiler.record("Save Eigendecomposition"):
             self.store.save([(folder / f"{name}.safetensors", tensors, None) for name, tensors in results.items()])
-        if args.strategy == "kfac":
+        if strategy.lambda_from_eigenvalues:
             lambdas = {
                 module: kfac_lambda(results["gradient_eigenvalues"][module], values)
                 for module, values in results["activation_eigenvalues"].items()
@@ -299,12 +281,12 @@ class Analyzer:
             with self.profiler.record("Save Lambda"):
                 self.store.save([(folder / f"{LAMBDA}.safetensors", lambdas, None)])
 
-    def _fit_lambda(self, folder: Path, dataset: Iterable[Any], args: FactorArguments) -> None:
+    def _fit_lambda(self, folder: Path, dataset: Iterable[Any], args: FactorArguments, strategy: Strategy) -> None:
         result = folder / f"{LAMBDA}.safetensors"
         if self.store.exists(result):
             return
-        eigenvectors = None
-        if args.strategy == "ekfac":
+        eigenvectors = None  # Lambda of the gradients as they are, or in the strategy's eigenbasis
+        if strategy.eigenbasis:
             with self.profiler.record("Load Eigendecomposition"):
                 q_a, q_s = (
                     self.store.load(folder / f"{side}_eigenvectors.safetensors", self.device)
@@ -323,7 +305,7 @@ class Analyzer:
 
     def load_factor_arguments(self, factors_name: str) -> FactorArguments:
         path = self.factors_folder(factors_name) / FACTOR_ARGUMENTS
-        missing = f"no factors named {factors_name!r} in {path.parent}: fit them first (fit_all_factors, or analyze.py)"
+        missing = f"no factors named {factors_name!r} in {path.parent}: fit them first (fit_all_factors)"
         saved = self.store.read_json(path, missing)
         saved.pop("modules", None)
         try:
@@ -336,7 +318,7 @@ class Analyzer:
         args = self.load_factor_arguments(factors_name)
         folder = self.factors_folder(factors_name)
         factors = {}
-        for kind in _factor_kinds(args.strategy):
+        for kind in get_strategy(args.strategy).factor_kinds():
             path = folder / f"{kind}.safetensors"
             missing = (
                 f"factors {factors_name!r} in {folder} are incomplete ({path.name} is missing): "
@@ -354,6 +336,7 @@ class Analyzer:
 
     def _preconditioners(self, factors_name: str, args: ScoreArguments) -> tuple[dict[str, LayerPreconditioner], dict]:
         factor_args = self.load_factor_arguments(factors_name)
+        strategy = get_strategy(factor_args.strategy)
         with self.profiler.record("Load All Factors"):
             factors = self.load_all_factors(factors_name)
         preconditioners = {}
@@ -363,9 +346,7 @@ class Analyzer:
                     f"factors {factors_name!r} have no entry for module {layer.name!r}: refit them for this model"
                 )
             per_module = {kind: tensors[layer.name] for kind, tensors in factors.items() if layer.name in tensors}
-            preconditioners[layer.name] = LayerPreconditioner.build(
-                factor_args.strategy, per_module, args.damping_factor, layer
-            )
+            preconditioners[layer.name] = strategy.preconditioner(per_module, args.damping_factor, layer)
         return preconditioners, to_dict(factor_args)
 
     def _scores(

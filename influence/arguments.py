@@ -7,15 +7,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from influence.errors import InfluenceError
+from influence.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+__all__ = ["STRATEGIES", "FactorArguments", "ScoreArguments", "to_dict"]
 
 
 @dataclass
 class FactorArguments:
     """How to fit the curvature.
 
-    strategy: identity | diagonal | kfac | ekfac.
+    strategy: the name of a strategy, one of STRATEGIES: identity | diagonal | kfac | ekfac (see
+        influence.strategies; a Strategy object is taken as its name).
     use_empirical_fisher: use the dataset labels instead of labels sampled from the model (true Fisher).
     max_examples: fit on at most this many training examples (None: all).
     seed: seed of the labels sampled for the true Fisher; a batch's labels depend on it and on which examples the
@@ -24,7 +26,7 @@ class FactorArguments:
     info: free-form facts about the model and data (checkpoint, dataset size...) checked on reuse.
     """
 
-    strategy: str = "ekfac"
+    strategy: str = DEFAULT_STRATEGY
     use_empirical_fisher: bool = False
     max_examples: int | None = None
     seed: int = 0
@@ -32,8 +34,7 @@ class FactorArguments:
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise InfluenceError(f"unknown factor strategy {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        self.strategy = get_strategy(self.strategy).name  # an unknown name: one line with the choices
         if self.max_examples is not None and self.max_examples < 1:
             raise InfluenceError(f"max_examples must be a positive number of examples, got {self.max_examples}")
 

@@ -10,8 +10,8 @@ never as pickles.
 
 Which wire each collective takes (see `route`): the small meetings always go through gloo on the CPU; sums and
 shared tensors go through nccl when the model is on a GPU and the job's group is nccl, and through gloo otherwise
-(nccl moves only CUDA tensors: a model kept on the CPU under an nccl job, as in `bench.py --device cpu` on a GPU
-host, reduces through gloo).
+(nccl moves only CUDA tensors: a model kept on the CPU under an nccl job, as a benchmark of the CPU on a GPU
+host does, reduces through gloo).
 
 A rank that fails leaves a note in the rendezvous store (see `publish_failure`) and exits; the collective the
 others are waiting in then fails (at once when the process is gone, after the process group's timeout when it
@@ -19,7 +19,8 @@ hangs), and they stop with an error naming it. gloo blocks the host in every col
 collective. nccl does not block the host: a peer that died leaves the others waiting on the GPU until nccl's
 watchdog ends them, without that line. So every group of nccl collectives is preceded by a gloo meeting (sums: a
 barrier; shared tensors: the broadcast of their description), where a rank that stopped is noticed as with gloo;
-only a rank that dies inside the nccl collectives themselves is left to the watchdog (after --dist_timeout).
+only a rank that dies inside the nccl collectives themselves is left to the watchdog (after the process group's
+timeout).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from influence.errors import InfluenceError
 T = TypeVar("T")
 FAILURE_KEY = "influence/failed"
 
-# Set by the scripts' process set-up (cli.py); an engine user who initialises torch.distributed themselves may
-# call remember_store() to get failing ranks named.
+# Set through remember_store() by the program that initialises torch.distributed, so that failing ranks are named;
+# without it the other ranks still stop, without the failing rank's message.
 _store: dist.Store | None = None
 _timeout: timedelta | None = None
 _control_groups: dict[Any, Any] = {}
@@ -148,7 +149,7 @@ class Group:
 
     def sync_round(self, main_wants_save: bool, stop: int | None = None) -> tuple[bool, int | None]:
         """End of a round: every rank learns whether rank 0 wants to save now, and the signal that asked any rank
-        to stop (`stop`: this rank's, or None; see interrupt.py), and notices a rank that stopped working."""
+        to stop (`stop`: this rank's, or None; see influence.interrupt), and notices a rank that stopped working."""
         if self.world == 1:
             return main_wants_save, stop
         flags = torch.tensor([int(main_wants_save and self.is_main), stop or 0], dtype=torch.int64)

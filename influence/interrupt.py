@@ -1,7 +1,7 @@
 """Stopping a long loop at a batch boundary when the process is asked to stop (SIGTERM, SIGINT).
 
 Cluster schedulers preempt a job with SIGTERM and, a grace period later, SIGKILL. While `handling()` is active
-(the scripts' cli.run_cli activates it), the first SIGTERM or SIGINT only sets a flag if a loop that can save
+(a program activates it around its work), the first SIGTERM or SIGINT only sets a flag if a loop that can save
 what it has is running (inside `polling()`); that loop reads `requested()` at its batch boundaries, saves, and
 raises `Interrupted`. Outside such a loop there is nothing in progress worth saving (finished results are on
 disk, every file written whole or not at all), so the signal raises `Interrupted` where the program is, as
@@ -37,7 +37,8 @@ _dealt_with = False  # the request was answered by an Interrupted: the next poll
 class Interrupted(KeyboardInterrupt):
     """The process was asked to stop by signal `signum`; `saved` says what was saved for resuming, if anything.
 
-    A KeyboardInterrupt, so that `except Exception` never swallows it. Scripts exit with 128 + signum."""
+    A KeyboardInterrupt, so that `except Exception` never swallows it. A program stopped so exits with
+    `exit_status`, 128 + signum."""
 
     def __init__(self, signum: int, saved: str | None = None) -> None:
         self.signum, self.saved = signum, saved

@@ -1,18 +1,22 @@
-"""(F + d I)^-1 for one layer, in the eigenbasis of its factors, and the rotations it needs.
+"""(F + d I)^-1 for one layer, and the contractions it needs: rotations into an eigenbasis, squared norms.
 
-For ekfac and kfac, F = (Q_S (x) Q_A) diag(Lambda) (Q_S (x) Q_A)^T, so
-P(G) = Q_S [(Q_S^T G Q_A) / (Lambda + d)] Q_A^T. diagonal divides G by (Lambda + d); identity is G.
+Each strategy (influence.strategies) builds a layer's LayerPreconditioner from its factors and applies it with
+these kernels: in an eigenbasis, F = (Q_S (x) Q_A) diag(Lambda) (Q_S (x) Q_A)^T, so
+P(G) = Q_S [(Q_S^T G Q_A) / (Lambda + d)] Q_A^T.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from influence import flops
 from influence.capture import per_example_gradient
-from influence.modules import Layer
+
+if TYPE_CHECKING:
+    from influence.strategies import Strategy
 
 
 def rotated_gradient(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: torch.Tensor) -> torch.Tensor:
@@ -43,54 +47,22 @@ def heuristic_damping(lambda_matrix: torch.Tensor) -> float:
 
 @dataclass
 class LayerPreconditioner:
-    """(F + d I)^-1 of one layer. `inverse` holds 1 / (Lambda + d) (None for identity)."""
+    """(F + d I)^-1 of one layer: the tensors its strategy prepared from the layer's factors (see
+    influence.strategies), applied by that strategy. `inverse` holds 1 / (Lambda + d) (None for identity); `q_a`
+    and `q_s` the eigenbases of A (in the engine's column order) and S, for the strategies that have them."""
 
-    strategy: str
+    strategy: Strategy
     inverse: torch.Tensor | None = None
     q_a: torch.Tensor | None = None
     q_s: torch.Tensor | None = None
 
-    @classmethod
-    def build(
-        cls, strategy: str, factors: dict[str, torch.Tensor], damping: float | None, layer: Layer
-    ) -> LayerPreconditioner:
-        """From a module's factors ({kind: tensor}, as on disk, in the weight's column order), for gradients in
-        the engine's column order (see Layer)."""
-        if strategy == "identity":
-            return cls(strategy)
-        lambda_matrix = factors["lambda_matrix"]
-        d = heuristic_damping(lambda_matrix) if damping is None else damping
-        inverse = 1.0 / (lambda_matrix + d)
-        if strategy == "diagonal":
-            return cls(strategy, layer.to_engine(inverse))
-        q_a = layer.to_engine(factors["activation_eigenvectors"], dims=(0,))
-        return cls(strategy, inverse, q_a, factors["gradient_eigenvectors"])
-
     def precondition(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """P(G[n]) as [B, out, in'] for the examples whose patches and output gradients are a and g.
-
-        The rotation into the eigenbasis takes the cheaper contraction order (rotated_gradient); only the
-        rotation back needs G's full out x in' products.
-        """
-        if self.strategy in ("kfac", "ekfac"):
-            rotated = rotated_gradient(a, g, self.q_a, self.q_s) * self.inverse
-            batch, out_dim, in_dim = rotated.shape
-            flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim), rotated.dtype, rotated.device)
-            return torch.matmul(self.q_s, rotated) @ self.q_a.T
-        gradient = per_example_gradient(a, g)
-        return gradient if self.strategy == "identity" else gradient * self.inverse
+        """P(G[n]) as [B, out, in'] for the examples whose patches and output gradients are a and g."""
+        return self.strategy.precondition(self, a, g)
 
     def self_score(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """<P(G[n]), G[n]> for every example, without rotating back: sum((Q_S^T G Q_A)^2 / (Lambda + d))."""
-        if self.strategy in ("kfac", "ekfac"):
-            rotated = widened(rotated_gradient(a, g, self.q_a, self.q_s))
-            flops.add(3 * rotated.numel(), rotated.dtype, rotated.device)
-            return (rotated.square() * self.inverse).sum(dim=(1, 2))
-        if self.strategy == "diagonal":
-            gradient = widened(per_example_gradient(a, g))
-            flops.add(3 * gradient.numel(), gradient.dtype, gradient.device)
-            return (gradient.square() * self.inverse).sum(dim=(1, 2))
-        return squared_gradient_norm(a, g)
+        """<P(G[n]), G[n]> for every example."""
+        return self.strategy.self_score(self, a, g)
 
 
 def squared_gradient_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

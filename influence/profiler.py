@@ -22,7 +22,7 @@ class Profiler:
     def __init__(self, enabled: bool, device: torch.device) -> None:
         self.enabled, self.device = enabled, device
         self.records: dict[str, list[float]] = {}
-        self.flops: dict[str, dict[flops.Precision, int]] = {}  # per action, per precision (see flops.py)
+        self.flops: dict[str, dict[flops.Precision, int]] = {}  # per action, per precision (see influence.flops)
 
     @contextmanager
     def record(self, action: str) -> Iterator[None]:

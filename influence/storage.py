@@ -39,13 +39,13 @@ NO_ACCESS = {
 
 
 def write_atomically(
-    path: str | Path, write: Callable[[Path], Any], size: int | None = None, folder: str = "--output_dir"
+    path: str | Path, write: Callable[[Path], Any], size: int | None = None, folder: str = "output_dir"
 ) -> None:
     """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path`.
 
     The file under `path` is therefore whole or absent (an older version stays as it was). Lack of space or of
-    permission becomes one InfluenceError naming the file, its `size` in bytes where known, and the flag
-    `folder` that moves it elsewhere; other errors pass through as they are.
+    permission becomes one InfluenceError naming the file, its `size` in bytes where known, and the setting
+    `folder` that moves it elsewhere (output_dir, the Analyzer's); other errors pass through as they are.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")  # the suffix tells writers the format
@@ -114,7 +114,7 @@ def safetensors_size(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
 
 
 def save_tensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None, folder: str = "--output_dir"
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None, folder: str = "output_dir"
 ) -> None:
     cpu = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     meta = {key: json.dumps(value) for key, value in (metadata or {}).items()}
@@ -122,7 +122,7 @@ def save_tensors(
     write_atomically(path, lambda tmp: save_file(cpu, str(tmp), metadata=meta), size, folder)
 
 
-FIX_HINT = "delete it, or rerun with --overwrite_output_dir (overwrite_output_dir=True) to recompute"
+FIX_HINT = "delete it, or rerun with overwrite_output_dir=True to recompute"
 
 
 def _unreadable(path: Path, error: Exception) -> InfluenceError:
@@ -238,7 +238,7 @@ def prepare_folder(
         key, old, new = difference
         raise InfluenceError(
             f"{what} in {folder} were saved with {key}={old!r}, now {key}={new!r}: pass "
-            "overwrite_output_dir=True (--overwrite_output_dir) to recompute them, or choose another name"
+            "overwrite_output_dir=True to recompute them, or choose another name"
         )
     if not overwrite or not files:
         if saved != wanted:
@@ -357,7 +357,7 @@ def partial_path(result: Path) -> Path:
 
 
 def save_partial(
-    path: Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any], folder: str = "--output_dir"
+    path: Path, tensors: dict[str, torch.Tensor], progress: dict[str, Any], folder: str = "output_dir"
 ) -> None:
     save_tensors(path, tensors, {"partial": True, "progress": progress}, folder)
 
