@@ -54,9 +54,7 @@ from example.hardware import (
 )
 from example.run import ArgumentParser, is_main, run_cli, start_processes
 from example.task import ClassificationTask
-from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments, flops
-from influence.distributed import control_group
-from influence.profiler import synchronize
+from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments, control_group, flops, synchronize
 from pipeline import CifarData, TensorBatches, construct_resnet9, get_cifar10
 
 RATE_SPREAD = 0.8  # rates before and after the passes further apart than this are reported as unsteady

@@ -41,7 +41,7 @@ from scipy.stats import rankdata
 
 from example.checkpoints import checkpoint_path, load_model, train_command
 from example.errors import PipelineError
-from example.figures import STRATEGY_NAMES, save_figure, subplots
+from example.figures import save_figure, subplots
 from example.flags import add_checkpoint_flags, add_data_flags, add_influence_flags, add_label_flags, figure_file
 from example.results import (
     check_shape,
@@ -52,7 +52,7 @@ from example.results import (
     results_name,
 )
 from example.run import ArgumentParser, is_main, run_cli, start_influence_run
-from influence import STRATEGIES
+from influence import STRATEGIES, STRATEGY_LABELS
 from pipeline import CLASSES, TensorBatches, get_cifar10
 
 INSPECTED = [i / 10 for i in range(1, 10)]
@@ -139,9 +139,9 @@ def per_example_loss(model: torch.nn.Module, batches: TensorBatches) -> torch.Te
 def display_name(label: str, prefix: str) -> str:
     """How a ranking is named in figures: "EK-FAC", "K-FAC (bf16)", "training loss" (not results' folder names)."""
     strategy = label.removeprefix(prefix).removesuffix("_half")
-    if strategy not in STRATEGY_NAMES:
+    if strategy not in STRATEGY_LABELS:
         return label
-    return STRATEGY_NAMES[strategy] + (" (bf16)" if label.endswith("_half") else "")
+    return STRATEGY_LABELS[strategy] + (" (bf16)" if label.endswith("_half") else "")
 
 
 def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Path, title: str) -> None:

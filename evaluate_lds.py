@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import signal
 
+from influence import IDENTITY
+
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -58,8 +60,15 @@ from example.run import ArgumentParser, is_main, run_cli, start_processes
 from example.task import ClassificationTask
 from example.task import evaluate as evaluate_model
 from example.training import add_recipe_flags, recipe_of, train_model
-from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments
-from influence.storage import first_difference, save_tensors, write_atomically
+from influence import (
+    STRATEGIES,
+    Analyzer,
+    FactorArguments,
+    ScoreArguments,
+    first_difference,
+    save_tensors,
+    write_atomically,
+)
 from pipeline import CifarData, TensorBatches, get_cifar10
 
 DEFAULT_DAMPING = 1e-8  # analyze.py's
@@ -319,8 +328,8 @@ def evaluate(args, masks: torch.Tensor, margins: torch.Tensor, scores: dict) -> 
     rows = []
     for (strategy, damping), values in per_query.items():
         row = {"scores": strategy, "damping": damping, **lds.summarize(values)}
-        identity = per_query.get(("identity", damping))
-        if strategy != "identity" and identity is not None:
+        identity = per_query.get((IDENTITY.name, damping))
+        if strategy != IDENTITY.name and identity is not None:
             row["vs_identity"] = lds.paired_difference(values, identity)
         rows.append(row)
     num_queries, num_train = margins.shape[2], masks.shape[1]

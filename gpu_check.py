@@ -33,7 +33,7 @@ import torch
 
 from example.errors import PipelineError
 from example.run import ArgumentParser, run_cli
-from influence.storage import load_tensors
+from influence import load_tensors
 from pipeline import load_cifar10_arrays
 
 NUM_TRAIN, NUM_QUERIES, EPOCHS = "10000", "500", "5"

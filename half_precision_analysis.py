@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import signal
 
+from influence import STRATEGY_LABELS
+
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -21,7 +23,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from example.errors import PipelineError
-from example.figures import STRATEGY_NAMES, save_figure, subplots
+from example.figures import save_figure, subplots
 from example.flags import add_results_flags, figure_file
 from example.results import read_pairwise_scores
 from example.run import ArgumentParser, run_cli
@@ -70,7 +72,7 @@ def main() -> None:
     print(f"Per-query Spearman correlation of bf16 with fp32 scores over {full.shape[0]} queries:")
     print(f"  mean {correlations.mean():.4f}   lowest {correlations.min():.4f}   highest {correlations.max():.4f}")
     query = args.query_index
-    strategy = STRATEGY_NAMES[args.factor_strategy]
+    strategy = STRATEGY_LABELS[args.factor_strategy]
     sizes = f"ResNet-9, {strategy}, {full.shape[0]:,} queries x {full.shape[1]:,} training images"
     draw(full[query], half[query], correlations[query], query, Path(args.figure), sizes)
     print(f"Figure: {args.figure}")

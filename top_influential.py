@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import signal
 
+from influence import STRATEGY_LABELS
+
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from example.errors import PipelineError
-from example.figures import STRATEGY_NAMES, save_figure, subplots
+from example.figures import save_figure, subplots
 from example.flags import NON_NEGATIVE_INT, POSITIVE_INT, add_data_flags, add_results_flags, figure_file
 from example.results import read_pairwise_scores
 from example.run import ArgumentParser, run_cli
@@ -87,7 +89,7 @@ def main() -> None:
         rows.append(row)
     precision = ", bf16" if args.use_half_precision else ""
     heading = (
-        f"ResNet-9, {STRATEGY_NAMES[args.factor_strategy]}{precision}, {info['num_train']:,} training images: the "
+        f"ResNet-9, {STRATEGY_LABELS[args.factor_strategy]}{precision}, {info['num_train']:,} training images: the "
         f"most helpful and harmful for {len(rows)} of {info['num_queries']:,} test queries\n"
         "score = rise of the query's margin when the image's loss is up-weighted (a sum over all images, not a mean)"
     )

@@ -52,7 +52,7 @@ from example.run import ArgumentParser, is_main, run_cli, start_processes
 from example.task import evaluate
 from example.train_state import partial_path
 from example.training import add_recipe_flags, train_model
-from influence.distributed import Group
+from influence import Group
 from pipeline import TensorBatches, get_cifar10
 
 # ---- Arguments ----

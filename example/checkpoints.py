@@ -13,7 +13,7 @@ from torch import nn
 
 from example.devices import get_device, place_model
 from example.errors import PipelineError
-from influence.storage import safetensors_size, write_atomically
+from influence import safetensors_size, write_atomically
 from pipeline import check_label_options, construct_resnet9
 
 # ---- Checkpoints ----

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from influence.storage import write_atomically
+from influence import write_atomically
 
 # ---- Figures ----
-
-
-# How figures and tables name the strategies.
-STRATEGY_NAMES = {"identity": "identity", "diagonal": "diagonal", "kfac": "K-FAC", "ekfac": "EK-FAC"}
 
 
 def subplots(*args, **kwargs):

@@ -11,9 +11,18 @@ import torch
 
 from example.errors import PipelineError
 from example.task import ClassificationTask
-from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments
-from influence.distributed import Group
-from influence.storage import PAIRWISE_SCORES, SCORE_ARGUMENTS, Store, load_tensors, read_json
+from influence import (
+    PAIRWISE_SCORES,
+    SCORE_ARGUMENTS,
+    Analyzer,
+    FactorArguments,
+    Group,
+    InfluenceError,
+    ScoreArguments,
+    Store,
+    load_tensors,
+    read_json,
+)
 
 
 def results_name(strategy: str, half: bool, prefix: str = "") -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,9 +21,7 @@ from example.devices import get_device
 from example.errors import PipelineError
 from example.flags import check_sizes, train_batch_size
 from example.hardware import emulated_bf16_note, keep_freed_memory
-from influence import InfluenceError
-from influence import distributed as influence_distributed
-from influence import interrupt as influence_interrupt
+from influence import InfluenceError, Interrupted, forget_groups, handling, publish_failure, remember_store
 
 # ---- Errors and arguments ----
 
@@ -47,28 +46,44 @@ def run_cli(main: Callable[[], object]) -> None:
     """
     if threading.current_thread() is threading.main_thread():  # the scripts silenced Ctrl-C while torch loaded
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    with influence_interrupt.handling():
+    with handling():
         try:
             main()
             if end_processes(success=True):
                 leave(0, was_distributed=True)
         except (PipelineError, InfluenceError) as e:
-            influence_distributed.publish_failure(str(e))
-            print(f"error: {e}", file=sys.stderr)
+            message = in_flags(str(e))
+            publish_failure(message)
+            print(f"error: {message}", file=sys.stderr)
             leave(2, end_processes(success=False))
-        except influence_interrupt.Interrupted as e:
+        except Interrupted as e:
             if e.saved is None:  # stopped alone, outside a pass: ranks waiting for this one stop, naming it
-                influence_distributed.publish_failure(e.message())
+                publish_failure(e.message())
             if is_main():
                 print(e.message(), file=sys.stderr)
             leave(e.exit_status, end_processes(success=False))
         except KeyboardInterrupt:
-            influence_distributed.publish_failure("interrupted")
+            publish_failure("interrupted")
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         except Exception as e:
-            influence_distributed.publish_failure(f"{type(e).__name__}: {e}")
+            publish_failure(f"{type(e).__name__}: {e}")
             raise
+
+
+# The engine's messages name its arguments (influence/ knows no command line); the scripts' users type flags.
+ENGINE_ARGUMENTS = {
+    "overwrite_output_dir=True": "--overwrite_output_dir",
+    "output_dir": "--output_dir",
+    "train_batch_size": "--train_batch_size",
+    "query_batch_size": "--query_batch_size",
+}
+_ARGUMENT = re.compile(r"(?<![\w/.-])(" + "|".join(map(re.escape, ENGINE_ARGUMENTS)) + r")(?![\w/])")
+
+
+def in_flags(message: str) -> str:
+    """An engine message in the scripts' terms: each Analyzer argument it names becomes the flag that sets it."""
+    return _ARGUMENT.sub(lambda found: ENGINE_ARGUMENTS[found.group(1)], message)
 
 
 def leave(status: int, was_distributed: bool) -> None:
@@ -119,7 +134,7 @@ def start_processes(timeout: float, device: torch.device | str | None = None) ->
     except (RuntimeError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PipelineError(f"rank {rank} could not join the other processes at {host}:{port}: {first}") from None
-    influence_distributed.remember_store(dist.PrefixStore("influence", store), wait)
+    remember_store(dist.PrefixStore("influence", store), wait)
     return device
 
 
@@ -143,7 +158,7 @@ def end_processes(success: bool) -> bool:
             dist.barrier()
         except RuntimeError:
             pass
-    influence_distributed.forget_groups()
+    forget_groups()
     dist.destroy_process_group()
     return True
 

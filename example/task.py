@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influence.task import Task
+from influence import Task
 from pipeline import TensorBatches
 
 # ---- Task ----

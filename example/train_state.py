@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence.storage import load_partial, partial_path, save_partial
+from influence import load_partial, partial_path, save_partial
 
 __all__ = ["partial_path", "read_training_state", "restore_training_state", "save_training_state"]
 

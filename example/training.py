@@ -32,8 +32,7 @@ from example.errors import PipelineError
 from example.flags import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, seed
 from example.hardware import bf16_hardware_note
 from example.train_state import read_training_state, restore_training_state, save_training_state
-from influence import interrupt
-from influence.storage import first_difference
+from influence import first_difference, interrupt
 from pipeline import CifarData, TensorBatches, construct_resnet9
 
 # Fraction of training at which the learning rate peaks (epoch 5 of the original 25).
