@@ -18,7 +18,8 @@ from test_scripts import run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
-SCRIPTS = sorted(p.name for p in REPO_ROOT.glob("*.py") if "def parse_args(" in p.read_text())
+# The top level holds the scripts a user runs and pipeline.py, their shared model and data (checked below).
+SCRIPTS = sorted(p.name for p in REPO_ROOT.glob("*.py") if p.name not in ("pipeline.py", "conftest.py"))
 # What may stand before the script: an interpreter, torchrun and its options, environment settings, a prompt.
 LAUNCHER = re.compile(r"^(\$|python3?|torchrun|-m|torch\.distributed\.run|--?[\w-]+(=\S+)?|\w+=\S*)$")
 
@@ -143,3 +144,22 @@ def test_walkthrough_says_when_cifar10n_steps_are_skipped(scale):
     note = "CIFAR-10N steps skipped: no --noisy_labels (download CIFAR-10_human.pt from https://"
     assert result.stderr.startswith(note)
     assert "train_noisy" not in result.stdout and "detect_noisy" not in result.stdout
+
+
+def test_the_top_level_holds_scripts_and_the_file_list_is_the_tree():
+    for name in SCRIPTS:  # a script reads its flags and runs when started, and only then
+        source = (REPO_ROOT / name).read_text()
+        assert "def parse_args(" in source and 'if __name__ == "__main__":' in source, name
+    block = (REPO_ROOT / "docs" / "engine.md").read_text().split("## Files", 1)[1].split("```")[1]
+    listed, folder = set(), ""
+    for line in block.splitlines():
+        entry = line.split()[0] if line.strip() else ""
+        if entry.endswith("/"):
+            folder = entry if not line.startswith(" ") else folder + entry
+        elif entry.endswith(".py"):
+            listed.add((folder if line.startswith(" ") else "") + entry)
+    tree = {p.name for p in REPO_ROOT.glob("*.py") if p.name != "conftest.py"}
+    tree |= {f"{package}/{p.name}" for package in ("example", "influence") for p in (REPO_ROOT / package).glob("*.py")}
+    assert listed == tree, (
+        f"docs/engine.md lists {sorted(listed - tree)} that are not there, misses {sorted(tree - listed)}"
+    )
