@@ -26,8 +26,8 @@ from influence import distributed as influence_distributed
 from influence.capture import Capture, backward_batch
 from influence.modules import find_layers
 from pipeline import CifarData, TensorBatches
+from tests.helpers import run
 from tests.reference import TinyTask, batches, make_model
-from tests.test_scripts import run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 1)  # a device object needs no GPU; no tensor is put on it

@@ -14,7 +14,8 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from test_scripts import run
+
+from tests.helpers import run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
