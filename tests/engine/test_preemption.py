@@ -2,7 +2,7 @@
 143, and the same command then ends with the results of an uninterrupted run; a write that finds no room is a
 one-line error that leaves every file under its final name whole.
 
-The signals are real: sent to this process (the scripts run in it, see test_scripts.run) or to worker processes,
+The signals are real: sent to this process (the scripts run in it, see tests.helpers.run) or to worker processes,
 at a chosen batch.
 """
 

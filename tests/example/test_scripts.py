@@ -232,7 +232,7 @@ def test_unreadable_result_files_are_one_line_errors(workspace, tmp_path):
 
 
 def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, tmp_path):
-    """Two CPU processes (gloo), whatever GPUs the machine has; tests/test_gpu.py runs them on GPUs (nccl)."""
+    """Two CPU processes (gloo), whatever GPUs the machine has; tests/gpu/test_gpu.py runs them on GPUs (nccl)."""
     checkpoints = tmp_path / "checkpoints"
     common = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(checkpoints)]
     result = torchrun("train.py", *common, "--num_train", "200", "--num_train_epochs", "1", "--train_batch_size", "64")

@@ -1,6 +1,6 @@
 """The CUDA and nccl paths on the GPUs present; each test is skipped, with its reason, where they are missing.
 
-tests/test_devices.py pins on the CPU the logic these rely on; gpu_check.py runs this suite and a real job.
+tests/engine/test_devices.py pins on the CPU the logic these rely on; gpu_check.py runs this suite and a real job.
 """
 
 from __future__ import annotations

@@ -11,13 +11,11 @@ import re
 import shlex
 import subprocess
 from functools import cache
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import run
+from tests.helpers import REPO_ROOT, run
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 SCRIPTS = sorted(p.name for p in REPO_ROOT.glob("*.py") if "def parse_args(" in p.read_text())
 # What may stand before the script: an interpreter, torchrun and its options, environment settings, a prompt.
