@@ -4,7 +4,7 @@
     python gpu_check.py --dry_run --gpus 2   # the steps, without running them (any machine)
 
 Steps, each a subprocess whose output goes to walkthrough/gpu_check/logs/<step>.log (progress bars to .err):
-  tests        python -m pytest -q: the whole suite, with the GPU tests (tests/test_gpu.py) that a CPU skips
+  tests        python -m pytest -q: the whole suite, with the GPU tests (tests/gpu/test_gpu.py) that a CPU skips
   train_*      ResNet-9 on the first 10,000 CIFAR-10 images for 5 epochs, with clean and with 10% corrupted labels
   analyze_*    EK-FAC factors and 500 x 10,000 pairwise scores in fp32, then in bf16 (--profile: the timing tables)
   half         how well the bf16 scores rank training images like the fp32 ones

@@ -1,18 +1,12 @@
-"""Shared test fixtures. Run the tests from the repository root: python -m pytest"""
+"""Shared test fixtures, found by every test folder. Run the tests from the repository root: python -m pytest"""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# So that `import pipeline` works however pytest is started.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from fake_cifar import write_fake_cifar10  # noqa: E402
+from tests.helpers import write_fake_cifar10
 
 
 @pytest.fixture(scope="session")

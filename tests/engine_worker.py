@@ -1,6 +1,7 @@
-"""One process of the engine's multi-process and interruption tests (tests/test_distributed.py).
+"""One process of the engine's multi-process and interruption tests (tests/engine/test_distributed.py), started
+by tests.helpers.launch from the repository root, as a module so that it imports the engine and `tests`:
 
-    RANK=.. WORLD_SIZE=.. MASTER_ADDR=127.0.0.1 MASTER_PORT=.. python tests/engine_worker.py OUT '{"...": ...}'
+    RANK=.. WORLD_SIZE=.. MASTER_ADDR=127.0.0.1 MASTER_PORT=.. python -m tests.engine_worker OUT '{"...": ...}'
 
 Fits factors and computes pairwise and self scores for every case of CASES on a tiny float64 CNN, with the
 scripts' own process set-up (cli.start_processes) and error handling (cli.run_cli). Rank 0's engine writes the
@@ -27,12 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from example.run import run_cli, start_processes  # noqa: E402
-from influence import Analyzer, FactorArguments, ScoreArguments  # noqa: E402
-from influence.storage import save_tensors  # noqa: E402
-from tests.reference import TinyTask, batches, make_model  # noqa: E402
+from example.run import run_cli, start_processes
+from influence import Analyzer, FactorArguments, ScoreArguments
+from influence.storage import save_tensors
+from tests.reference import TinyTask, batches, make_model
 
 NUM_TRAIN = 31  # divisible neither by the batch sizes below nor by 2 or 3 processes
 

@@ -11,12 +11,11 @@ import re
 import shlex
 import subprocess
 from functools import cache
-from pathlib import Path
 
 import pytest
-from test_scripts import run
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT, run
+
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 # The top level holds the scripts a user runs and pipeline.py, their shared model and data (checked below).
 SCRIPTS = sorted(p.name for p in REPO_ROOT.glob("*.py") if p.name not in ("pipeline.py", "conftest.py"))

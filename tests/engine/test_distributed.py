@@ -5,85 +5,15 @@ Each test runs tests/engine_worker.py: in this process for the reference, in 2 o
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from influence.storage import load_tensors
 from tests import engine_worker
+from tests.helpers import assert_same, launch
 from tests.reference import relative_error
-
-WORKER = Path(engine_worker.__file__)
-REPO_ROOT = WORKER.parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(out: Path, world: int, options: dict, timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Start `world` worker processes the way torchrun would (RANK, WORLD_SIZE, MASTER_*), wait for all of them."""
-    port = free_port()
-    processes = []
-    for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        if world == 1:
-            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(key)
-        command = [sys.executable, str(WORKER), str(out), json.dumps(options)]
-        processes.append(
-            subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        )
-    results = []
-    deadline = time.monotonic() + timeout
-    for process in processes:
-        try:
-            stdout, stderr = process.communicate(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            raise AssertionError(f"worker processes did not finish within {timeout} s") from None
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    return results
-
-
-def result_files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Every factor and score file of a case, except the eigenvectors (defined up to sign)."""
-    return {
-        str(path.relative_to(folder)): load_tensors(path)
-        for path in sorted(folder.rglob("*.safetensors"))
-        if "eigenvectors" not in path.name
-    }
-
-
-def assert_same(case_folder: Path, reference_folder: Path) -> None:
-    found, expected = result_files(case_folder), result_files(reference_folder)
-    assert found.keys() == expected.keys()
-    assert not [name for name in found if ".partial." in name]
-    for name, tensors in expected.items():
-        assert found[name].keys() == tensors.keys(), name
-        for key, tensor in tensors.items():
-            if tensor.dtype == torch.int64 or tensor.abs().max() == 0:
-                assert torch.equal(found[name][key], tensor), (name, key)
-            else:
-                assert relative_error(found[name][key], tensor) < 1e-10, (name, key)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The logic the GPU and nccl paths rely on, pinned on the CPU: which wire each collective takes, which generator
 draws the augmentation, what is counted at which rate, what a GPU out of memory is reported as.
 
-tests/test_gpu.py runs the same paths on a GPU where there is one.
+tests/gpu/test_gpu.py runs the same paths on a GPU where there is one.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,10 +25,9 @@ from influence import distributed as influence_distributed
 from influence.capture import Capture, backward_batch
 from influence.modules import find_layers
 from pipeline import CifarData, TensorBatches
+from tests.helpers import REPO_ROOT, run
 from tests.reference import TinyTask, batches, make_model
-from tests.test_scripts import run
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 1)  # a device object needs no GPU; no tensor is put on it
 
 

@@ -15,8 +15,7 @@ from safetensors.torch import load_file
 from example import lds
 from example.task import ClassificationTask
 from pipeline import construct_resnet9, get_cifar10
-from tests.test_preemption import assert_stopped, signal_at
-from tests.test_scripts import run, torchrun
+from tests.helpers import assert_stopped, run, signal_at, torchrun
 
 M, K, N, Q = 4, 2, 32, 4
 

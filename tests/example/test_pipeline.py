@@ -1,6 +1,6 @@
 """Tests of pipeline.py and train.py (data, corruption, task, model, end-to-end training on fake data).
 
-python -m pytest tests/test_pipeline.py -q
+python -m pytest tests/example/test_pipeline.py -q
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,8 +28,8 @@ from pipeline import (
     load_noisy_labels,
     random_crop_flip,
 )
+from tests.helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_JPEG = REPO_ROOT.parent / "shared" / "cifar10" / "cifar10_jpeg.npz"
 
 

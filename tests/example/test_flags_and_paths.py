@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_scripts import REPO_ROOT, run
 
 from example.hardware import cpu_bf16_units, emulated_bf16_note
+from tests.helpers import REPO_ROOT, run
 
 # ---- Flags and paths: one line, exit 2, nothing written ----
 
@@ -137,14 +137,13 @@ def test_a_stop_reaches_the_running_step_and_the_walkthrough_waits_for_it(tmp_pa
     parent = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        sys.path.insert(0, {str(REPO_ROOT)!r})
         import walkthrough
         from example.run import run_cli
         run_cli(lambda: walkthrough.run_step("step", [sys.executable, {str(tmp_path / "step.py")!r},
             {str(saved)!r}], {{}}, Path({str(tmp_path)!r}), "the step"))
         """)
     process = subprocess.Popen(
-        [sys.executable, "-c", parent], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", parent], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT
     )
     log = tmp_path / "step.log"
     deadline = time.monotonic() + 30

@@ -2,7 +2,7 @@
 143, and the same command then ends with the results of an uninterrupted run; a write that finds no room is a
 one-line error that leaves every file under its final name whole.
 
-The signals are real: sent to this process (the scripts run in it, see test_scripts.run) or to worker processes,
+The signals are real: sent to this process (the scripts run in it, see tests.helpers.run) or to worker processes,
 at a chosen batch.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
@@ -26,50 +25,12 @@ from example import checkpoints
 from influence import InfluenceError, interrupt
 from influence.storage import load_tensors
 from tests import engine_worker
+from tests.helpers import assert_same, assert_stopped, last_line, launch, run, signal_at
 from tests.reference import relative_error
-from tests.test_distributed import assert_same, launch
-from tests.test_scripts import run
 
 CASE = "ekfac_true_b7"  # true Fisher: resumed batches must sample the labels the stopped run would have
 NUM_TRAIN, BATCH = 16, 8  # 2 batches per pass and per epoch
 TRAIN_OPTIONS = ["--num_train", str(NUM_TRAIN), "--train_batch_size", str(BATCH)]
-
-
-@contextlib.contextmanager
-def signal_at(monkeypatch, batch: int, signum: int = signal.SIGTERM):
-    """Send `signum` to this process when the scripts' batches (pipeline.TensorBatches, every instance of a run
-    counted together, from 1) yield their `batch`-th batch."""
-    original = pipeline.TensorBatches.__iter__
-    count = 0
-
-    def iterate(self):
-        nonlocal count
-        for item in original(self):
-            count += 1
-            if count == batch:
-                os.kill(os.getpid(), signum)
-            yield item
-
-    with monkeypatch.context() as patch:
-        patch.setattr(pipeline.TensorBatches, "__iter__", iterate)
-        yield
-
-
-def last_line(stderr: str, start: str) -> str:
-    """The one line of stderr that starts with `start`, which must be the last one (after the progress bars)."""
-    lines = [line for line in re.split(r"[\r\n]", stderr) if line.strip()]
-    assert sum(line.startswith(start) for line in lines) == 1 and lines[-1].startswith(start), stderr
-    return lines[-1]
-
-
-def assert_stopped(result, *saved: str) -> None:
-    """Exit status 143 and one line on stderr saying what was saved and that the same command resumes it."""
-    assert result.returncode == 143, result
-    line = last_line(result.stderr, "interrupted")
-    assert line.startswith("interrupted by SIGTERM: saved "), line
-    assert line.endswith("; run the same command again to resume"), line
-    for text in saved:
-        assert text in line, line
 
 
 def assert_equal_files(found: Path, expected: Path) -> None:

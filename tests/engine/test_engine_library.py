@@ -9,11 +9,11 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT
+
 EXAMPLE_HEADING = "## Example: an MLP on generated data"
 
 

@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from fake_cifar import write_fake_cifar10
 
 from detect_mislabeled_dataset import INSPECTED, degenerate, detection_curve, roc_auc
 from example import training
@@ -25,8 +24,8 @@ from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments,
 from influence.precondition import LayerPreconditioner
 from influence.storage import LOCK_NAME, load_tensors
 from pipeline import construct_resnet9, load_cifar10_arrays
+from tests.helpers import run, write_fake_cifar10
 from tests.reference import TinyTask, batches, make_model
-from tests.test_scripts import run
 
 SMALL = ["--num_train", "16", "--train_batch_size", "8"]
 

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import runpy
-import subprocess
-import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,33 +11,9 @@ import torch
 from example.checkpoints import load_model
 from influence.storage import load_tensors
 from pipeline import load_cifar10_arrays
+from tests.helpers import NUM_TRAIN, run, torchrun
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NUM_TRAIN, NUM_QUERIES = 64, 6
-
-
-class Result(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run(script: str, *args: str, expect: int = 0) -> Result:
-    """Run a script's __main__ in this process (no interpreter start-up per call) and capture what it prints."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    code = 0
-    argv = sys.argv
-    sys.argv = [script, *args]
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else 1
-    finally:
-        sys.argv = argv
-    result = Result(code, stdout.getvalue(), stderr.getvalue())
-    assert result.returncode == expect, f"{script} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-    return result
+NUM_QUERIES = 6
 
 
 @pytest.fixture(scope="module")
@@ -262,26 +231,8 @@ def test_unreadable_result_files_are_one_line_errors(workspace, tmp_path):
     assert not (scores.parent / "pairwise_scores.partial.safetensors").exists()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(script: str, *args: str, processes: int = 2, expect: int = 0, cpu: bool = True):
-    """Run a script under torchrun; with `cpu`, on CPU processes (gloo) even on a GPU host, its GPUs hidden."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
-    command += [f"--master_port={free_port()}", str(REPO_ROOT / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == expect, f"{result.stdout}\n{result.stderr}"
-    return result
-
-
 def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, tmp_path):
-    """Two CPU processes (gloo), whatever GPUs the machine has; tests/test_gpu.py runs them on GPUs (nccl)."""
+    """Two CPU processes (gloo), whatever GPUs the machine has; tests/gpu/test_gpu.py runs them on GPUs (nccl)."""
     checkpoints = tmp_path / "checkpoints"
     common = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(checkpoints)]
     result = torchrun("train.py", *common, "--num_train", "200", "--num_train_epochs", "1", "--train_batch_size", "64")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 import torch
-from test_scripts import run
 
 from example.checkpoints import load_model
 from pipeline import construct_resnet9
+from tests.helpers import run
 
 
 class Hostile:

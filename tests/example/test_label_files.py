@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_scripts import NUM_TRAIN, run
 
 from example.errors import PipelineError
 from example.label_files import LabelFileError, read_label_arrays
 from pipeline import load_cifar10_arrays, load_noisy_labels
+from tests.helpers import NUM_TRAIN, run
 
 
 def release_like(clean: np.ndarray) -> dict[str, np.ndarray]:

@@ -11,9 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fake_cifar import write_fake_cifar10
 from safetensors.torch import save_file
-from test_scripts import run
 
 from example.checkpoints import load_model
 from example.errors import PipelineError
@@ -21,6 +19,7 @@ from example.task import ClassificationTask
 from influence import Analyzer, FactorArguments, InfluenceError
 from influence.storage import load_tensors
 from pipeline import construct_resnet9, load_cifar10_arrays
+from tests.helpers import run, write_fake_cifar10
 from tests.reference import TinyTask, batches, make_model
 
 

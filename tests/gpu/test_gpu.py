@@ -1,6 +1,6 @@
 """The CUDA and nccl paths on the GPUs present; each test is skipped, with its reason, where they are missing.
 
-tests/test_devices.py pins on the CPU the logic these rely on; gpu_check.py runs this suite and a real job.
+tests/engine/test_devices.py pins on the CPU the logic these rely on; gpu_check.py runs this suite and a real job.
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import pipeline
 from example import devices
 from influence.storage import load_tensors, save_tensors
 from tests import engine_worker
-from tests.test_distributed import assert_same, launch
-from tests.test_scripts import run, torchrun
+from tests.helpers import assert_same, launch, run, torchrun
 
 pytestmark = pytest.mark.gpu  # python -m pytest -m gpu: these alone
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,0 +1,217 @@
+"""What several test modules share: how they run the scripts (in this process, or under torchrun), how they start
+the engine's worker processes and compare their results, how they stop a run with a signal, and a tiny synthetic
+CIFAR-10. Imported one way everywhere: `from tests.helpers import run`.
+
+The float64 oracle the engine is held to is tests/reference.py; the worker processes run tests/engine_worker.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import re
+import runpy
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import pipeline
+from influence.storage import load_tensors
+from tests.reference import relative_error
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NUM_TRAIN = 64  # the training images of the scripts' tests (tests/example/test_scripts.py's workspace)
+
+
+# ---- The scripts, in this process or under torchrun ----
+
+
+class Result(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run(script: str, *args: str, expect: int = 0) -> Result:
+    """Run a script's __main__ in this process (no interpreter start-up per call) and capture what it prints."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    argv = sys.argv
+    sys.argv = [script, *args]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else 1
+    finally:
+        sys.argv = argv
+    result = Result(code, stdout.getvalue(), stderr.getvalue())
+    assert result.returncode == expect, f"{script} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(script: str, *args: str, processes: int = 2, expect: int = 0, cpu: bool = True):
+    """Run a script under torchrun; with `cpu`, on CPU processes (gloo) even on a GPU host, its GPUs hidden."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    command += [f"--master_port={free_port()}", str(REPO_ROOT / script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if cpu else {})
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == expect, f"{result.stdout}\n{result.stderr}"
+    return result
+
+
+# ---- The engine's worker processes (tests/engine_worker.py) and their results ----
+
+
+def launch(out: Path, world: int, options: dict, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Start `world` worker processes the way torchrun would (RANK, WORLD_SIZE, MASTER_*), wait for all of them."""
+    port = free_port()
+    processes = []
+    for rank in range(world):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        if world == 1:
+            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(key)
+        # Run as a module from the repository root, so that it imports `tests` and the engine as this process does.
+        command = [sys.executable, "-m", "tests.engine_worker", str(out), json.dumps(options)]
+        processes.append(
+            subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = []
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        try:
+            stdout, stderr = process.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise AssertionError(f"worker processes did not finish within {timeout} s") from None
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
+def result_files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Every factor and score file of a case, except the eigenvectors (defined up to sign)."""
+    return {
+        str(path.relative_to(folder)): load_tensors(path)
+        for path in sorted(folder.rglob("*.safetensors"))
+        if "eigenvectors" not in path.name
+    }
+
+
+def assert_same(case_folder: Path, reference_folder: Path) -> None:
+    found, expected = result_files(case_folder), result_files(reference_folder)
+    assert found.keys() == expected.keys()
+    assert not [name for name in found if ".partial." in name]
+    for name, tensors in expected.items():
+        assert found[name].keys() == tensors.keys(), name
+        for key, tensor in tensors.items():
+            if tensor.dtype == torch.int64 or tensor.abs().max() == 0:
+                assert torch.equal(found[name][key], tensor), (name, key)
+            else:
+                assert relative_error(found[name][key], tensor) < 1e-10, (name, key)
+
+
+# ---- Stopping a run with a signal ----
+
+
+@contextlib.contextmanager
+def signal_at(monkeypatch, batch: int, signum: int = signal.SIGTERM):
+    """Send `signum` to this process when the scripts' batches (pipeline.TensorBatches, every instance of a run
+    counted together, from 1) yield their `batch`-th batch."""
+    original = pipeline.TensorBatches.__iter__
+    count = 0
+
+    def iterate(self):
+        nonlocal count
+        for item in original(self):
+            count += 1
+            if count == batch:
+                os.kill(os.getpid(), signum)
+            yield item
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.TensorBatches, "__iter__", iterate)
+        yield
+
+
+def last_line(stderr: str, start: str) -> str:
+    """The one line of stderr that starts with `start`, which must be the last one (after the progress bars)."""
+    lines = [line for line in re.split(r"[\r\n]", stderr) if line.strip()]
+    assert sum(line.startswith(start) for line in lines) == 1 and lines[-1].startswith(start), stderr
+    return lines[-1]
+
+
+def assert_stopped(result, *saved: str) -> None:
+    """Exit status 143 and one line on stderr saying what was saved and that the same command resumes it."""
+    assert result.returncode == 143, result
+    line = last_line(result.stderr, "interrupted")
+    assert line.startswith("interrupted by SIGTERM: saved "), line
+    assert line.endswith("; run the same command again to resume"), line
+    for text in saved:
+        assert text in line, line
+
+
+# ---- A tiny synthetic CIFAR-10, in the layout torchvision downloads, for tests that must not need the real data ----
+#
+#     write_fake_cifar10(tmp_dir)  # -> tmp_dir/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    # Learnable: each class has its own mean colour; noise keeps it from being trivial.
+    colours = np.random.default_rng(1234).integers(30, 226, size=(10, 3))
+    base = colours[labels][:, :, None, None]  # [n, 3, 1, 1]
+    noise = rng.normal(0, 25, size=(len(labels), 3, 32, 32))
+    return np.clip(base + noise, 0, 255).astype(np.uint8).reshape(len(labels), 3 * 32 * 32)
+
+
+def _dump(path: Path, record: dict) -> None:
+    # Pickle is written here only because it is the official CIFAR-10 format (bytes keys, as in the release).
+    with open(path, "wb") as f:
+        pickle.dump(record, f, protocol=2)
+
+
+def write_fake_cifar10(root: str | Path, num_train: int = 200, num_test: int = 100, seed: int = 0) -> Path:
+    """Write root/cifar-10-batches-py with num_train images split over five batches and num_test test images."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    train_labels = rng.integers(0, 10, size=num_train)
+    train_images = _images(train_labels, rng)
+    bounds = np.linspace(0, num_train, 6).astype(int)
+    for b in range(5):
+        lo, hi = bounds[b], bounds[b + 1]
+        _dump(
+            folder / f"data_batch_{b + 1}",
+            {b"data": train_images[lo:hi], b"labels": train_labels[lo:hi].tolist()},
+        )
+    test_labels = rng.integers(0, 10, size=num_test)
+    _dump(folder / "test_batch", {b"data": _images(test_labels, rng), b"labels": test_labels.tolist()})
+    _dump(folder / "batches.meta", {b"label_names": [c.encode() for c in CLASSES], b"num_vis": 3072})
+    return Path(root)
