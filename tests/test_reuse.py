@@ -28,7 +28,7 @@ from pipeline import construct_resnet9, load_cifar10_arrays
 from tests.reference import TinyTask, batches, make_model
 from tests.test_scripts import run
 
-SMALL = ["--num_train", "16", "--train_batch_size", "8"]
+SMALL = ["--num_train", "16", "--influence_batch_size", "8"]
 
 
 @pytest.fixture(scope="module")
