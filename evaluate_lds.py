@@ -101,6 +101,7 @@ def parse_args(argv=None):
         parser,
         seeds="the full model's initial weights, batch order and augmentation, the subsets, retraining (j, k)'s "
         "seed (seed + 1 + j * K + k) and the random scores",
+        saves="a model's training state and an influence pass's partial results, from which a stopped run resumes",
     )
     scores = parser.add_argument_group("scores")
     add_strategy_flag(scores, several=True)

@@ -55,9 +55,12 @@ RUN_FLAGS = (
 
 
 def add_recipe_flags(
-    parser: argparse.ArgumentParser, seeds: str = "initial weights, batch order and augmentation"
+    parser: argparse.ArgumentParser,
+    seeds: str = "initial weights, batch order and augmentation",
+    saves: str = "the training state, from which a stopped run resumes",
 ) -> None:
-    """The recipe's flags, with the original example's defaults; `seeds` says what --seed seeds in the script."""
+    """The recipe's flags, with the original example's defaults; `seeds` and `saves` say, for --seed and
+    --save_interval, what they seed and save in the script."""
     group = parser.add_argument_group("training recipe")
     group.add_argument("--train_batch_size", type=POSITIVE_INT, default=512, help="SGD batch (default 512)")
     group.add_argument("--learning_rate", type=NON_NEGATIVE, default=0.4, help="peak learning rate (default 0.4)")
@@ -75,7 +78,7 @@ def add_recipe_flags(
         action="store_true",
         help="channels-last memory format (faster on GPUs, and on the CPUs measured in docs/performance.md)",
     )
-    add_save_interval_flag(group, "the training state, from which a stopped run resumes")
+    add_save_interval_flag(group, saves)
 
 
 def recipe_of(args: argparse.Namespace) -> dict:
