@@ -47,7 +47,7 @@ def parse_args(argv=None):
         "--query_batch_size",
         type=int,
         default=1000,
-        help="queries preconditioned and held at once; each needs one pass over the training set",
+        help="queries preconditioned and held at once; each needs one pass over the training set (default 1000)",
     )
     parser.add_argument("--num_queries", type=int, default=2000, help="score the first Q test images (default 2000)")
     add_influence_flags(parser)
@@ -56,7 +56,7 @@ def parse_args(argv=None):
 
 def main() -> None:
     args = parse_args()
-    device = start_influence_run(args, "query_batch_size", "train_batch_size", "num_queries")
+    device = start_influence_run(args, "query_batch_size", "num_queries")
     checkpoint = checkpoint_path(args.checkpoint_dir)
     model = load_model(checkpoint, device, train_command(args))
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
@@ -74,7 +74,7 @@ def main() -> None:
     name = results_name(args.factor_strategy, args.use_half_precision)
 
     analyzer = make_analyzer("cifar10", model, args)
-    train_batches = TensorBatches(train, args.train_batch_size)
+    train_batches = TensorBatches(train, args.influence_batch_size)
     analyzer.fit_all_factors(name, train_batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     scores = analyzer.compute_pairwise_scores(
         name,

@@ -12,8 +12,8 @@ floor, plus the peak memory (RSS on the CPU, which only grows; on a GPU the most
 
 By default the model has random weights and the images are random pixels: the work, and so the time, depends
 on the shapes alone. --checkpoint loads a trained ResNet-9 (a safetensors file written by train.py) and
---dataset_dir reads CIFAR-10 instead, to time the job analyze.py runs. The training batches of the passes
-default to the scripts' (cli.train_batch_size: 512 on a GPU, 128 on the CPU).
+--dataset_dir reads CIFAR-10 instead, to time the job analyze.py runs. --influence_batch_size, the training
+batches of the passes, defaults to the scripts' (512 on a GPU, 128 on the CPU).
 
 Precision: without --use_half_precision the passes run in fp32, with torch's default for fp32 on a GPU (which
 the original example ran with): convolutions in TF32 on tensor cores (cuDNN), matrix products in fp32. Each
@@ -45,7 +45,14 @@ import torch.distributed as dist
 
 from example.checkpoints import load_model
 from example.devices import place_model
-from example.flags import NON_NEGATIVE, POSITIVE_INT, add_process_flags, train_batch_size
+from example.flags import (
+    POSITIVE_INT,
+    add_influence_batch_flag,
+    add_process_flags,
+    add_save_interval_flag,
+    add_strategy_flag,
+    influence_batch_size,
+)
 from example.hardware import (
     bf16_hardware_note,
     cpu_bf16_units,
@@ -54,7 +61,7 @@ from example.hardware import (
 )
 from example.run import ArgumentParser, is_main, run_cli, start_processes
 from example.task import ClassificationTask
-from influence import STRATEGIES, Analyzer, FactorArguments, ScoreArguments, control_group, flops, synchronize
+from influence import Analyzer, FactorArguments, ScoreArguments, control_group, flops, synchronize
 from pipeline import CifarData, TensorBatches, construct_resnet9, get_cifar10
 
 RATE_SPREAD = 0.8  # rates before and after the passes further apart than this are reported as unsteady
@@ -72,7 +79,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_train", type=POSITIVE_INT, default=1000, help="training examples (default 1000)")
     parser.add_argument("--num_queries", type=POSITIVE_INT, default=50, help="query examples (default 50)")
-    parser.add_argument("--factor_strategy", default="ekfac", choices=STRATEGIES, help="default ekfac")
+    add_strategy_flag(parser)
     parser.add_argument(
         "--use_half_precision",
         action="store_true",
@@ -85,12 +92,7 @@ def parse_args(argv=None):
         choices=("cpu", "cuda"),
         help="cpu or cuda (default: cuda when present); under torchrun, cpu means gloo",
     )
-    parser.add_argument(
-        "--train_batch_size",
-        type=POSITIVE_INT,
-        default=None,
-        help="training batch of the passes (default: the scripts', 512 on a GPU and 128 on the CPU)",
-    )
+    add_influence_batch_flag(parser)
     parser.add_argument("--query_batch_size", type=POSITIVE_INT, default=None, help="default: all queries at once")
     parser.add_argument("--dataset_dir", default=None, help="use real CIFAR-10 from here (default: random images)")
     parser.add_argument(
@@ -107,12 +109,7 @@ def parse_args(argv=None):
         help="side of the square product timed for the floor (default: 2048 on the CPU, 8192 on a GPU, where a "
         "smaller one takes about as long as the timing itself)",
     )
-    parser.add_argument(
-        "--save_interval",
-        type=NON_NEGATIVE,
-        default=120.0,
-        help="seconds between partial saves of a pass (default 120)",
-    )
+    add_save_interval_flag(parser, "a pass's partial results")
     parser.add_argument(
         "--max_elements",
         type=parse_max_elements,
@@ -265,7 +262,7 @@ def main() -> None:
     keep_freed_memory()
     device = start_processes(args.dist_timeout, args.device)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    args.train_batch_size = train_batch_size(args, device)
+    args.influence_batch_size = influence_batch_size(args, device)
     say_if_bf16_is_emulated(device, args.use_half_precision)
     torch.manual_seed(0)
     # Random weights are laid out as the scripts lay out a checkpoint's (channels-last on a GPU).
@@ -295,7 +292,7 @@ def main() -> None:
             save_interval=args.save_interval,
             max_elements=args.max_elements,
         )
-        batches = TensorBatches(train, args.train_batch_size)
+        batches = TensorBatches(train, args.influence_batch_size)
         query_batches = TensorBatches(queries, args.query_batch_size or len(queries))
         phase_memory = {}
         reset_peak_memory(device)
@@ -321,7 +318,7 @@ def main() -> None:
     processes = f", {world} processes" if world > 1 else ""
     print(
         f"ResNet-9, {args.factor_strategy}, {precision}, {device.type}{processes}, {len(train)} training examples, "
-        f"{len(queries)} queries, training batches of {args.train_batch_size}"
+        f"{len(queries)} queries, training batches of {args.influence_batch_size}"
     )
     print(f"Device: {device_description(device)}")
     each = " (all processes)" if world > 1 else ""

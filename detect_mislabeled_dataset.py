@@ -56,6 +56,8 @@ from influence import STRATEGIES, STRATEGY_LABELS
 from pipeline import CLASSES, TensorBatches, get_cifar10
 
 INSPECTED = [i / 10 for i in range(1, 10)]
+# The seed of the random-order baseline (fixed: it is a reference, not a setting of the influence run).
+RANDOM_ORDER_SEED = 0
 
 
 def parse_args(argv=None):
@@ -209,7 +211,7 @@ def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: 
 
 def main() -> None:
     args = parse_args()
-    device = start_influence_run(args, "train_batch_size", "top_k")
+    device = start_influence_run(args, "top_k")
     noisy = args.noisy_labels is not None
     corrupt = None if noisy else args.corrupt_percentage
     checkpoint = checkpoint_path(args.checkpoint_dir, corrupt, args.noisy_labels_key if noisy else None)
@@ -242,7 +244,7 @@ def main() -> None:
     name = results_name(args.factor_strategy, args.use_half_precision, prefix)
 
     analyzer = make_analyzer("mislabeled", model, args)
-    batches = TensorBatches(train, args.train_batch_size)
+    batches = TensorBatches(train, args.influence_batch_size)
     analyzer.fit_all_factors(name, batches, factor_args, overwrite_output_dir=args.overwrite_output_dir)
     own = analyzer.compute_self_scores(name, name, batches, score_args, overwrite_output_dir=args.overwrite_output_dir)[
         "all_modules"
@@ -260,8 +262,10 @@ def main() -> None:
             rankings[other] = analyzer.load_self_scores(other)["all_modules"].double().numpy()
     if not is_main():
         return
-    rankings["training loss"] = per_example_loss(model, TensorBatches(train, args.train_batch_size)).double().numpy()
-    generator = torch.Generator().manual_seed(args.seed)
+    rankings["training loss"] = (
+        per_example_loss(model, TensorBatches(train, args.influence_batch_size)).double().numpy()
+    )
+    generator = torch.Generator().manual_seed(RANDOM_ORDER_SEED)
     rankings["random"] = torch.rand(len(train), generator=generator, dtype=torch.float64).numpy()
     # Before any table: a ranking that cannot rank is refused (this run's) or left out (an earlier run's column).
     for label in list(rankings):

@@ -2,8 +2,8 @@
 
 Draws M random subsets of alpha * N of the first N training images (from --seed), trains K models on each from
 scratch with train.py's recipe (example/training.py, the same code), and records each model's margin on the first Q test
-images; trains the model on all N the same way and scores it with every --strategies and --damping through the
-engine; then LDS(q) = Spearman over the subsets of (sum of the scores of the subset's examples) against the
+images; trains the model on all N the same way and scores it with every --factor_strategy and --damping_factor
+through the engine; then LDS(q) = Spearman over the subsets of (sum of the scores of the subset's examples) against the
 measured margin (mean over seeds), reported as the mean over queries with a 95% bootstrap interval, beside random
 scores (about 0) and, with K >= 2, the agreement of two seeds' margins (what retraining noise leaves to explain).
 
@@ -13,10 +13,10 @@ Tiny check (minutes on a CPU):
 CPU scale (docs/lds.md says why these sizes; about 70 minutes on 2 cores with two processes):
     torchrun --nproc_per_node=2 evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/cpu \
         --num_train 500 --num_queries 100 --num_subsets 30 --seeds_per_subset 2 \
-        --train_batch_size 32 --num_train_epochs 20 --damping 1e-8 heuristic --profile
+        --train_batch_size 32 --num_train_epochs 20 --damping_factor 1e-8 heuristic --profile
 GPU scale (the original recipe on 25,000-image halves of all 50,000, 100 subsets; one process per GPU):
     python evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/gpu --num_subsets 100 \
-        --seeds_per_subset 2 --num_queries 2000 --use_channels_last --damping 1e-8 heuristic --profile
+        --seeds_per_subset 2 --num_queries 2000 --use_channels_last --damping_factor 1e-8 heuristic --profile
 
 Files in --output_dir, readable on their own: masks.safetensors ("masks", bool [M, N], the settings in its
 metadata), margins.safetensors ("margins", float32 [M, K, Q]), lds.json and lds.md (the table), lds.png (the
@@ -53,7 +53,15 @@ from example import lds
 from example.checkpoints import load_model, save_model
 from example.errors import PipelineError
 from example.figures import save_figure, subplots
-from example.flags import add_data_flags, add_process_flags, parse_damping
+from example.flags import (
+    add_damping_flag,
+    add_data_flags,
+    add_fisher_flags,
+    add_influence_batch_flag,
+    add_process_flags,
+    add_strategy_flag,
+    influence_batch_size,
+)
 from example.hardware import keep_freed_memory
 from example.results import check_shape, data_fingerprint, file_fingerprint
 from example.run import ArgumentParser, is_main, run_cli, start_processes
@@ -61,7 +69,7 @@ from example.task import ClassificationTask
 from example.task import evaluate as evaluate_model
 from example.training import add_recipe_flags, recipe_of, train_model
 from influence import (
-    STRATEGIES,
+    DEFAULT_DAMPING,
     Analyzer,
     FactorArguments,
     ScoreArguments,
@@ -70,8 +78,6 @@ from influence import (
     write_atomically,
 )
 from pipeline import CifarData, TensorBatches, get_cifar10
-
-DEFAULT_DAMPING = 1e-8  # analyze.py's
 
 
 def parse_args(argv=None):
@@ -91,22 +97,20 @@ def parse_args(argv=None):
     sizes.add_argument("--num_subsets", type=int, default=100, help="M random subsets (default 100)")
     sizes.add_argument("--seeds_per_subset", type=int, default=2, help="K models per subset (default 2)")
     sizes.add_argument("--eval_batch_size", type=int, default=1024, help="queries per forward pass for margins")
-    add_recipe_flags(parser)  # --seed also draws the subsets; model (j, k) trains with seed + 1 + j * K + k
-    scores = parser.add_argument_group("scores")
-    scores.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES), metavar="STRATEGY")
-    scores.add_argument(
-        "--damping",
-        nargs="+",
-        type=parse_damping,
-        default=[DEFAULT_DAMPING],
-        help=f"one or more values (number or 'heuristic' for 0.1 * mean(Lambda)); default {DEFAULT_DAMPING:g}",
+    add_recipe_flags(
+        parser,
+        seeds="the full model's initial weights, batch order and augmentation, the subsets, retraining (j, k)'s "
+        "seed (seed + 1 + j * K + k) and the random scores",
+        saves="a model's training state and an influence pass's partial results, from which a stopped run resumes",
     )
-    scores.add_argument("--use_empirical_fisher", action="store_true", help="factors from the dataset labels")
-    scores.add_argument("--query_batch_size", type=int, default=1000, help="queries per pass over the training data")
+    scores = parser.add_argument_group("scores")
+    add_strategy_flag(scores, several=True)
+    add_damping_flag(scores, several=True)
+    add_fisher_flags(scores)
     scores.add_argument(
-        "--influence_batch_size", type=int, default=None, help="training images per batch in the influence passes "
-        "(default 512 on a GPU, 128 on the CPU)",
-    )  # fmt: skip
+        "--query_batch_size", type=int, default=1000, help="queries per pass over the training data (default 1000)"
+    )
+    add_influence_batch_flag(scores)
     parser.add_argument("--figure", default=None, help="the figure (default: <output_dir>/lds.png)")
     parser.add_argument("--profile", action="store_true", help="print the engine's timing table")
     add_process_flags(parser)
@@ -119,8 +123,8 @@ def parse_args(argv=None):
         parser.error(f"--num_subsets must be at least 3 for a rank correlation, got {args.num_subsets}")
     if not 0 < args.alpha < 1:
         parser.error(f"--alpha must be between 0 and 1, got {args.alpha}")
-    args.strategies = list(dict.fromkeys(args.strategies))
-    args.damping = list(dict.fromkeys(args.damping))
+    args.factor_strategy = list(dict.fromkeys(args.factor_strategy))
+    args.damping_factor = list(dict.fromkeys(args.damping_factor))
     return args
 
 
@@ -292,8 +296,7 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
         profile=args.profile,
         save_interval=args.save_interval,
     )
-    batch = args.influence_batch_size or (512 if device.type == "cuda" else 128)
-    train_batches = TensorBatches(train_eval, batch)
+    train_batches = TensorBatches(train_eval, influence_batch_size(args, device))
     query_batches = TensorBatches(queries, min(args.query_batch_size, len(queries)))
     # Saved factors and scores are reused only for this model and data (the engine checks these facts).
     info = {"checkpoint_sha256": file_fingerprint(unit_path(out, None)), "num_train": len(train_eval)}
@@ -301,10 +304,12 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
     info["data_sha256"] = data_fingerprint(train_eval.images, train_eval.labels)
     info["queries_sha256"] = data_fingerprint(queries.images, queries.labels)
     found = {}
-    for strategy in args.strategies:
-        factor_args = FactorArguments(strategy=strategy, use_empirical_fisher=args.use_empirical_fisher, info=info)
+    for strategy in args.factor_strategy:
+        factor_args = FactorArguments(
+            strategy=strategy, use_empirical_fisher=args.use_empirical_fisher, seed=args.fisher_seed, info=info
+        )
         analyzer.fit_all_factors(strategy, train_batches, factor_args)
-        for damping in args.damping:
+        for damping in args.damping_factor:
             name = strategy if damping == DEFAULT_DAMPING else f"{strategy}_damping_{damping_name(damping)}"
             score_args = ScoreArguments(damping_factor=damping, info=info)
             result = analyzer.compute_pairwise_scores(name, strategy, query_batches, train_batches, score_args)

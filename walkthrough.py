@@ -75,7 +75,7 @@ SCALES = {
         # bf16 is emulated on CPUs without bf16 units (about 5 s per image for Lambda alone on AVX2): kept tiny
         "bench_bf16": ["--num_train", "32", "--num_queries", "8"],
         # 4 batches, so that 2 processes get 2 each
-        "scaling": ["--num_train", "512", "--train_batch_size", "128"],
+        "scaling": ["--num_train", "512", "--influence_batch_size", "128"],
         "scaling_queries": ["--num_queries", "32", "--query_batch_size", "32"],
         # LDS (docs/lds.md says why): 30 halves of 500 images, 2 seeds each, 20 epochs in batches of 32, 100 queries
         "lds": ["--num_train", "500", "--num_queries", "100", "--num_subsets", "30", "--seeds_per_subset", "2"]
@@ -205,7 +205,7 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
             where = out / f"influence_results_batch_{size}"
             given = ["--output_dir", str(where), "--overwrite_output_dir", "--figure", str(where / "mislabel.png")]
             command = [*py, "detect_mislabeled_dataset.py", *data, "--num_train", "512", "--profile", *given]
-            found.append((f"batch_size_{size}", [*command, "--train_batch_size", str(size)], {}))
+            found.append((f"batch_size_{size}", [*command, "--influence_batch_size", str(size)], {}))
     if args.scale == "cpu":
         # The same jobs on one thread in one process, and split over 2 processes of one thread each.
         for name, script, extra in (
@@ -225,7 +225,7 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
                     profile += ["--figure", str(where / "mislabel.png")]
                 found.append((f"scaling_{name}_{processes}proc", [*launcher, script, *extra, *profile], one_thread))
     # Do the scores predict retraining? On the CPU two one-thread processes share the retrainings.
-    lds = [*dataset, "--output_dir", str(out / "lds_results"), *scale["lds"], "--damping", "1e-8", "heuristic"]
+    lds = [*dataset, "--output_dir", str(out / "lds_results"), *scale["lds"], "--damping_factor", "1e-8", "heuristic"]
     lds += ["--figure", f"{figures}/lds.png", "--profile"]
     launcher, env = (torchrun, one_thread) if args.scale == "cpu" else (py, {})
     found.append(("lds", [*launcher, "evaluate_lds.py", *lds], env))

@@ -1,6 +1,8 @@
 """The scripts' flags, declared once: value types that refuse a bad value while the flags are read, and the
 groups each script adds in one line (add_data_flags, add_checkpoint_flags, add_label_flags, add_results_flags,
-add_influence_flags, add_process_flags).
+add_influence_flags, add_process_flags), and the single flags several scripts share (add_strategy_flag,
+add_influence_batch_flag, add_damping_flag, add_fisher_flags, add_save_interval_flag). A default the engine has
+(damping, save interval, Fisher seed) is read from it, not repeated.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from example.errors import PipelineError
 from example.hardware import bf16_hardware_note
-from influence import STRATEGIES
+from influence import DEFAULT_DAMPING, DEFAULT_SAVE_INTERVAL, STRATEGIES, FactorArguments
 
 # ---- Flag types: a bad value is refused while the flags are read, in one line, before any work starts ----
 
@@ -147,6 +149,21 @@ def add_results_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output_dir", type=folder, default="./influence_results", help="where factors and scores are saved"
     )
+    add_strategy_flag(parser)
+
+
+def add_strategy_flag(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """--factor_strategy: one strategy (default ekfac), or with `several` one or more (default: all of them)."""
+    if several:
+        parser.add_argument(
+            "--factor_strategy",
+            nargs="+",
+            choices=STRATEGIES,
+            default=list(STRATEGIES),
+            metavar="STRATEGY",
+            help=f"one or more curvatures used to precondition gradients, of {', '.join(STRATEGIES)} (default: all)",
+        )
+        return
     parser.add_argument(
         "--factor_strategy",
         default="ekfac",
@@ -156,6 +173,7 @@ def add_results_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_influence_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of analyze.py and detect_mislabeled_dataset.py, which fit factors and compute scores."""
     add_results_flags(parser)
     parser.add_argument(
         "--use_half_precision",
@@ -164,35 +182,83 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
         f"{bf16_hardware_note()}); without it {FP32_POLICY}",
     )
     parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
-    parser.add_argument(
-        "--train_batch_size",
-        type=int,
-        default=None,
-        help="training examples per forward/backward in the influence passes (default: 512 on a GPU, 128 on the "
-        "CPU, where larger batches were slower and used more memory)",
-    )
+    add_influence_batch_flag(parser, original_name=True)
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="recompute factors and scores even if saved ones exist"
     )
+    add_damping_flag(parser)
+    add_fisher_flags(parser)
+    add_save_interval_flag(parser, "a pass's partial results, from which a killed run resumes")
+    add_process_flags(parser)
+
+
+# Training examples per batch of the influence passes when --influence_batch_size is not given, per device type.
+INFLUENCE_BATCH_SIZE = {"cuda": 512, "cpu": 128}
+
+
+def add_influence_batch_flag(parser: argparse.ArgumentParser, original_name: bool = False) -> None:
+    """--influence_batch_size; with `original_name` also --train_batch_size, its name in kronfluence's example
+    (analyze.py, detect_mislabeled_dataset.py). Not in the scripts that train, where --train_batch_size is SGD's."""
+    names = ["--influence_batch_size", "--train_batch_size"] if original_name else ["--influence_batch_size"]
+    alias = "; --train_batch_size is its name in the original kronfluence example" if original_name else ""
+    parser.add_argument(
+        *names,
+        dest="influence_batch_size",
+        type=POSITIVE_INT,
+        default=None,
+        metavar="N",
+        help="training examples per forward/backward in the influence passes (default: "
+        f"{INFLUENCE_BATCH_SIZE['cuda']} on a GPU, {INFLUENCE_BATCH_SIZE['cpu']} on the CPU, where larger batches "
+        f"were slower and used more memory){alias}",
+    )
+
+
+def influence_batch_size(args: argparse.Namespace, device: torch.device) -> int:
+    """--influence_batch_size, or the device's default: a GPU wants large batches; on a 2-core CPU, batches of 512
+    made detection on 512 images 8% slower than 128 or 64 (mostly in the covariance pass) and used more memory."""
+    if args.influence_batch_size is not None:
+        return args.influence_batch_size
+    return INFLUENCE_BATCH_SIZE["cuda" if device.type == "cuda" else "cpu"]
+
+
+def add_damping_flag(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """--damping_factor: one value, or with `several` one or more (a list); default the engine's DEFAULT_DAMPING."""
+    what = "one or more numbers" if several else "number"
     parser.add_argument(
         "--damping_factor",
+        nargs="+" if several else None,
         type=parse_damping,
-        default=1e-8,
-        help="number added to the curvature eigenvalues, or 'heuristic' for 0.1 * mean(Lambda)",
+        default=[DEFAULT_DAMPING] if several else DEFAULT_DAMPING,
+        metavar="DAMPING",
+        help=f"{what} added to the curvature eigenvalues, or 'heuristic' for 0.1 * mean(Lambda) "
+        f"(default {str(DEFAULT_DAMPING).replace('e-0', 'e-')})",
     )
+
+
+def add_fisher_flags(parser: argparse.ArgumentParser) -> None:
+    """Which Fisher the factors are fitted with: --use_empirical_fisher, --fisher_seed."""
     parser.add_argument(
         "--use_empirical_fisher",
         action="store_true",
         help="fit factors with the dataset labels instead of labels sampled from the model",
     )
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the label sampling for the true Fisher")
+    parser.add_argument(
+        "--fisher_seed",
+        type=seed,
+        default=FactorArguments.seed,
+        help="seed of the labels sampled from the model for the true Fisher (ignored with --use_empirical_fisher; "
+        f"default {FactorArguments.seed})",
+    )
+
+
+def add_save_interval_flag(parser: argparse.ArgumentParser, saved: str) -> None:
+    """--save_interval: seconds between saves of `saved` (default the engine's DEFAULT_SAVE_INTERVAL)."""
     parser.add_argument(
         "--save_interval",
         type=NON_NEGATIVE,
-        default=120.0,
-        help="seconds between saves of a pass's partial results, from which a killed run resumes (default 120)",
+        default=DEFAULT_SAVE_INTERVAL,
+        help=f"seconds between saves of {saved} (default {DEFAULT_SAVE_INTERVAL:g})",
     )
-    add_process_flags(parser)
 
 
 def parse_damping(text: str) -> float | None:
@@ -212,11 +278,3 @@ def check_sizes(args: argparse.Namespace, *names: str) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise PipelineError(f"--{name} must be a positive number, got {value}")
-
-
-def train_batch_size(args: argparse.Namespace, device: torch.device) -> int:
-    """--train_batch_size, or the device's default: a GPU wants large batches; on a 2-core CPU, batches of 512
-    made detection on 512 images 8% slower than 128 or 64 (mostly in the covariance pass) and used more memory."""
-    if args.train_batch_size is not None:
-        return args.train_batch_size
-    return 512 if device.type == "cuda" else 128

@@ -78,7 +78,7 @@ def influence_arguments(args: argparse.Namespace, info: dict) -> tuple[FactorArg
         strategy=args.factor_strategy,
         use_empirical_fisher=args.use_empirical_fisher,
         use_half_precision=args.use_half_precision,
-        seed=args.seed,
+        seed=args.fisher_seed,
         info=info,
     )
     scores = ScoreArguments(damping_factor=args.damping_factor, use_half_precision=args.use_half_precision, info=info)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from example.devices import get_device
 from example.errors import PipelineError
-from example.flags import check_sizes, train_batch_size
+from example.flags import check_sizes, influence_batch_size
 from example.hardware import emulated_bf16_note, keep_freed_memory
 from influence import InfluenceError, Interrupted, forget_groups, handling, publish_failure, remember_store
 
@@ -75,7 +75,7 @@ def run_cli(main: Callable[[], object]) -> None:
 ENGINE_ARGUMENTS = {
     "overwrite_output_dir=True": "--overwrite_output_dir",
     "output_dir": "--output_dir",
-    "train_batch_size": "--train_batch_size",
+    "train_batch_size": "--influence_batch_size",
     "query_batch_size": "--query_batch_size",
 }
 _ARGUMENT = re.compile(r"(?<![\w/.-])(" + "|".join(map(re.escape, ENGINE_ARGUMENTS)) + r")(?![\w/])")
@@ -165,11 +165,11 @@ def end_processes(success: bool) -> bool:
 
 def start_influence_run(args: argparse.Namespace, *sizes: str) -> torch.device:
     """What analyze.py and detect_mislabeled_dataset.py do first: check the `sizes` flags, keep freed memory, join
-    the other processes; returns the device, with --train_batch_size set for it."""
+    the other processes; returns the device, with --influence_batch_size set for it."""
     check_sizes(args, *sizes)
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
-    args.train_batch_size = train_batch_size(args, device)
+    args.influence_batch_size = influence_batch_size(args, device)
     say_if_bf16_is_emulated(device, args.use_half_precision)
     return device
 

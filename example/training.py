@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from example.errors import PipelineError
-from example.flags import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, seed
+from example.flags import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, add_save_interval_flag, seed
 from example.hardware import bf16_hardware_note
 from example.train_state import read_training_state, restore_training_state, save_training_state
 from influence import first_difference, interrupt
@@ -54,17 +54,20 @@ RUN_FLAGS = (
 # ---- Flags ----
 
 
-def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
-    """The recipe's flags, with the original example's defaults."""
+def add_recipe_flags(
+    parser: argparse.ArgumentParser,
+    seeds: str = "initial weights, batch order and augmentation",
+    saves: str = "the training state, from which a stopped run resumes",
+) -> None:
+    """The recipe's flags, with the original example's defaults; `seeds` and `saves` say, for --seed and
+    --save_interval, what they seed and save in the script."""
     group = parser.add_argument_group("training recipe")
     group.add_argument("--train_batch_size", type=POSITIVE_INT, default=512, help="SGD batch (default 512)")
     group.add_argument("--learning_rate", type=NON_NEGATIVE, default=0.4, help="peak learning rate (default 0.4)")
     group.add_argument("--weight_decay", type=NON_NEGATIVE, default=0.001, help="weight decay (default 0.001)")
     group.add_argument("--momentum", type=NON_NEGATIVE, default=0.0, help="SGD momentum (default 0, plain SGD)")
     group.add_argument("--num_train_epochs", type=POSITIVE_INT, default=25, help="epochs (default 25)")
-    group.add_argument(
-        "--seed", type=seed, default=1004, help="initial weights, batch order and augmentation (default 1004)"
-    )
+    group.add_argument("--seed", type=seed, default=1004, help=f"the training seed: {seeds} (default 1004)")
     group.add_argument(
         "--use_half_precision",
         action="store_true",
@@ -75,12 +78,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="channels-last memory format (faster on GPUs, and on the CPUs measured in docs/performance.md)",
     )
-    group.add_argument(
-        "--save_interval",
-        type=NON_NEGATIVE,
-        default=120.0,
-        help="seconds between saves of the training state, from which a stopped run resumes (default 120)",
-    )
+    add_save_interval_flag(group, saves)
 
 
 def recipe_of(args: argparse.Namespace) -> dict:

@@ -5,8 +5,8 @@ the submodules flops, interrupt and distributed are importable as modules too. d
 """
 
 from influence import distributed, flops, interrupt
-from influence.analyzer import Analyzer
-from influence.arguments import FactorArguments, ScoreArguments
+from influence.analyzer import DEFAULT_SAVE_INTERVAL, Analyzer
+from influence.arguments import DEFAULT_DAMPING, FactorArguments, ScoreArguments
 from influence.distributed import Group, control_group, forget_groups, publish_failure, remember_store
 from influence.errors import InfluenceError
 from influence.interrupt import Interrupted, handling
@@ -45,6 +45,8 @@ __all__ = [
     "Analyzer",
     "FactorArguments",
     "ScoreArguments",
+    "DEFAULT_DAMPING",
+    "DEFAULT_SAVE_INTERVAL",
     "Task",
     "InfluenceError",
     # strategies

@@ -62,6 +62,9 @@ from influence.task import Task
 # re-faulting hundreds of MB of fresh pages per layer. GPUs take whole batches.
 CPU_MAX_ELEMENTS = 2**26
 
+# Seconds between saves of a pass's partial sums when the Analyzer is given none.
+DEFAULT_SAVE_INTERVAL = 120.0
+
 
 def batch_seed(seed: int, offset: int, count: int) -> int:
     """The RNG seed of the batch of `count` examples starting at example `offset`: the same on any rank."""
@@ -84,7 +87,7 @@ class Analyzer:
         output_dir: str | Path = "./influence_results",
         profile: bool = False,
         disable_tqdm: bool = False,
-        save_interval: float = 120.0,
+        save_interval: float = DEFAULT_SAVE_INTERVAL,
         max_elements: int | None | str = "auto",
     ) -> None:
         parameters = list(model.parameters())

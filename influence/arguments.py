@@ -9,7 +9,10 @@ from typing import Any
 from influence.errors import InfluenceError
 from influence.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
 
-__all__ = ["STRATEGIES", "FactorArguments", "ScoreArguments", "to_dict"]
+__all__ = ["DEFAULT_DAMPING", "STRATEGIES", "FactorArguments", "ScoreArguments", "to_dict"]
+
+# ScoreArguments' damping when none is given: small enough to leave the curvature as fitted.
+DEFAULT_DAMPING = 1e-8
 
 
 @dataclass
@@ -49,7 +52,7 @@ class ScoreArguments:
     info: free-form facts about the model and data checked on reuse.
     """
 
-    damping_factor: float | None = 1e-8
+    damping_factor: float | None = DEFAULT_DAMPING
     use_half_precision: bool = False
     per_module: bool = False
     info: dict[str, Any] = field(default_factory=dict)

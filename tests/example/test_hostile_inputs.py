@@ -128,7 +128,7 @@ def to_dtype(dtype: torch.dtype):
     return edit
 
 
-TINY = ["--num_train", "8", "--train_batch_size", "8", "--factor_strategy", "identity"]
+TINY = ["--num_train", "8", "--influence_batch_size", "8", "--factor_strategy", "identity"]
 
 
 @pytest.mark.parametrize("script", ["analyze.py", "detect_mislabeled_dataset.py"])

@@ -104,16 +104,15 @@ def lds_args(data: Path, out: Path, *strategies: str) -> list[str]:
     return [
         "--dataset_dir", str(data), "--output_dir", str(out), "--num_train", str(N), "--num_queries", str(Q),
         "--num_subsets", str(M), "--seeds_per_subset", str(K), "--train_batch_size", "16", "--num_train_epochs",
-        "2", "--strategies", *strategies, "--save_interval", "1000",
+        "2", "--factor_strategy", *strategies, "--save_interval", "1000",
     ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def reference(fake_cifar_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("lds") / "reference"
-    result = run(
-        "evaluate_lds.py", *lds_args(fake_cifar_dir, out, "identity", "diagonal"), "--damping", "0.001", "heuristic"
-    )
+    damping = ["--damping_factor", "0.001", "heuristic"]
+    result = run("evaluate_lds.py", *lds_args(fake_cifar_dir, out, "identity", "diagonal"), *damping)
     return {"out": out, "stdout": result.stdout, "data": fake_cifar_dir}
 
 
@@ -197,7 +196,11 @@ def test_help_shows_the_commands_and_a_bad_flag_is_one_line():
     for flag, value, message in (
         ("--alpha", "1.5", "--alpha must be between 0 and 1, got 1.5"),
         ("--num_subsets", "2", "--num_subsets must be at least 3 for a rank correlation, got 2"),
-        ("--damping", "-1", "argument --damping: damping must be a finite number >= 0 or 'heuristic', got -1"),
+        (
+            "--damping_factor",
+            "-1",
+            "argument --damping_factor: damping must be a finite number >= 0 or 'heuristic', got -1",
+        ),
     ):
         refused = run("evaluate_lds.py", flag, value, expect=2)
         assert refused.stderr == f"error: {message} (see --help)\n", refused.stderr

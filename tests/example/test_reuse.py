@@ -27,7 +27,7 @@ from pipeline import construct_resnet9, load_cifar10_arrays
 from tests.helpers import run, write_fake_cifar10
 from tests.reference import TinyTask, batches, make_model
 
-SMALL = ["--num_train", "16", "--train_batch_size", "8"]
+SMALL = ["--num_train", "16", "--influence_batch_size", "8"]
 
 
 @pytest.fixture(scope="module")

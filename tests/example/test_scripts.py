@@ -36,7 +36,7 @@ def analyze_args(paths, strategy, *extra):
     return [
         "--dataset_dir", paths["data"], "--checkpoint_dir", paths["checkpoints"], "--output_dir", paths["results"],
         "--factor_strategy", strategy, "--num_train", str(NUM_TRAIN), "--num_queries", str(NUM_QUERIES),
-        "--query_batch_size", "3", "--train_batch_size", "48", *extra,
+        "--query_batch_size", "3", "--influence_batch_size", "48", *extra,
     ]  # fmt: skip
 
 
@@ -243,7 +243,7 @@ def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, t
     # Self-influence split over two processes equals the one-process scores of the same run.
     args = [
         "--dataset_dir", workspace["data"], "--checkpoint_dir", workspace["checkpoints"], "--num_train",
-        str(NUM_TRAIN), "--train_batch_size", "24", "--factor_strategy", "diagonal", "--figure",
+        str(NUM_TRAIN), "--influence_batch_size", "24", "--factor_strategy", "diagonal", "--figure",
         str(tmp_path / "mislabel.png"),
     ]  # fmt: skip
     torchrun("detect_mislabeled_dataset.py", *args, "--output_dir", str(tmp_path / "one"), processes=1)
@@ -289,11 +289,31 @@ def test_walkthrough_arguments(tmp_path):
     assert str(tmp_path / "full" / "checkpoints") in cpu_full and not (tmp_path / "full").exists()
 
 
-def test_default_train_batch_size_follows_the_device():
+def test_default_influence_batch_size_follows_the_device():
     from argparse import Namespace
 
-    from example.flags import train_batch_size
+    from example.flags import influence_batch_size
 
-    assert train_batch_size(Namespace(train_batch_size=None), torch.device("cuda")) == 512
-    assert train_batch_size(Namespace(train_batch_size=None), torch.device("cpu")) == 128
-    assert train_batch_size(Namespace(train_batch_size=48), torch.device("cuda")) == 48
+    assert influence_batch_size(Namespace(influence_batch_size=None), torch.device("cuda")) == 512
+    assert influence_batch_size(Namespace(influence_batch_size=None), torch.device("cpu")) == 128
+    assert influence_batch_size(Namespace(influence_batch_size=48), torch.device("cuda")) == 48
+
+
+def test_the_influence_batch_has_one_name_and_the_original_examples_alias():
+    import analyze
+    import bench
+    import detect_mislabeled_dataset
+    import evaluate_lds
+    import train
+    from example.run import in_flags
+
+    for script in (analyze, detect_mislabeled_dataset):  # kronfluence's example calls it --train_batch_size
+        assert script.parse_args(["--train_batch_size", "32"]).influence_batch_size == 32
+        assert script.parse_args(["--influence_batch_size", "32"]).influence_batch_size == 32
+    assert bench.parse_args(["--influence_batch_size", "32"]).influence_batch_size == 32
+    lds = evaluate_lds.parse_args(["--influence_batch_size", "32", "--train_batch_size", "16"])
+    assert (lds.influence_batch_size, lds.train_batch_size) == (32, 16)  # the SGD batch of the retrainings
+    assert train.parse_args(["--train_batch_size", "16"]).train_batch_size == 16
+    assert in_flags("use smaller batches (train_batch_size, query_batch_size)") == (
+        "use smaller batches (--influence_batch_size, --query_batch_size)"
+    )
