@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import signal
 
-from example.run import say_if_bf16_is_emulated
-
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -48,7 +46,7 @@ from example.checkpoints import check_label_options, checkpoint_path, save_model
 from example.errors import PipelineError
 from example.flags import POSITIVE_INT, add_checkpoint_flags, add_data_flags, add_label_flags, add_process_flags
 from example.hardware import keep_freed_memory
-from example.run import ArgumentParser, is_main, run_cli, start_processes
+from example.run import ArgumentParser, is_main, run_cli, say_if_bf16_is_emulated, start_processes
 from example.task import evaluate
 from example.train_state import partial_path
 from example.training import add_recipe_flags, train_model

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import signal
 
-from influence import STRATEGIES
-
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -54,6 +52,7 @@ import torch
 from example.errors import PipelineError
 from example.flags import folder
 from example.run import ArgumentParser, run_cli
+from influence import STRATEGIES
 
 # Training recipes: the original optimiser and schedule (SGD, learning rate 0.4 reached linearly at 20% of the
 # steps then decayed linearly to 0, weight decay 1e-3, crops and flips); the CPU recipe takes a subset small enough
