@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
@@ -64,7 +63,9 @@ from influence import (
     STRATEGIES,
     Analyzer,
     FactorArguments,
+    Group,
     ScoreArguments,
+    balanced_owners,
     first_difference,
     save_tensors,
     write_atomically,
@@ -226,32 +227,11 @@ def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarDat
     return seconds
 
 
-def share_done(done: list[bool], device: torch.device) -> list[bool]:
-    """Rank 0's view of the finished units, so that every rank splits the same list."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return done
-    flags = torch.tensor(done, dtype=torch.int64)
-    dist.broadcast(flags, src=0)
-    return [bool(v) for v in flags.tolist()]
-
-
-def assign(units: list, rank: int, world: int, alpha: float) -> list:
-    """This rank's units: each in turn to the rank with the least work so far (the full model counts 1 / alpha)."""
-    load_of, mine = [0.0] * world, []
-    for unit in units:
-        target = min(range(world), key=lambda r: (load_of[r], r))
-        load_of[target] += 1.0 if unit is not None else 1.0 / alpha
-        if target == rank:
-            mine.append(unit)
-    return mine
-
-
-def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device) -> None:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device, group: Group) -> None:
+    world, rank = group.world, group.rank
     units = [None] + [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
     done = [unit_path(out, None).exists()] + [margins_file(out, u).exists() for u in units[1:]]
-    done = share_done(done, device)
+    done = group.share(done)  # rank 0's view of the finished units, so that every rank splits the same list
     remaining = [u for u, finished in zip(units, done, strict=True) if not finished]
     if is_main():
         print(
@@ -260,7 +240,9 @@ def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device
             f"of {len(masks[0].nonzero())} images; {world} process{'es' if world > 1 else ''})",
             flush=True,
         )
-    mine = assign(remaining, rank, world, args.alpha)
+    # Each unit to the least loaded rank; the full model counts 1 / alpha, a retraining 1.
+    owners = balanced_owners([1.0 if unit is not None else 1.0 / args.alpha for unit in remaining], world)
+    mine = [unit for unit, owner in zip(remaining, owners, strict=True) if owner == rank]
     seconds = []
     for unit in tqdm(mine, desc="models", disable=not is_main() or not mine):
         took = train_unit(args, out, unit, train, masks, queries, device)
@@ -268,8 +250,7 @@ def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device
             seconds.append(took)
     if seconds:  # every rank says, so that a slow process shows
         print(f"rank {rank}: {len(seconds)} retrainings, {np.mean(seconds):.1f} s per model", flush=True)
-    if world > 1:
-        dist.barrier()  # every model is trained before the scores and the LDS
+    group.barrier()  # every model is trained before the scores and the LDS
 
 
 # ---- Scores ----
@@ -421,7 +402,8 @@ def main() -> None:
     args = parse_args()
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
-    if dist.is_initialized() and device.type == "cpu":
+    group = Group(device)
+    if group.world > 1 and device.type == "cpu":
         torch.set_num_threads(1)  # every process trains whole models: one thread each
     out = Path(args.output_dir)
     train = get_cifar10(args.dataset_dir, "train", num_train=args.num_train, device=device)
@@ -433,12 +415,11 @@ def main() -> None:
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         masks_for(out, settings, args.seed)
-    if dist.is_initialized():
-        dist.barrier()
+    group.barrier()
     masks, _ = load(out / "masks.safetensors", "masks")
 
     began = time.monotonic()
-    retrain(args, out, train, masks, queries, device)
+    retrain(args, out, train, masks, queries, device, group)
     units = [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
     loaded = [load(margins_file(out, unit), "margins") for unit in units]
     margins = torch.stack([unit_margins for unit_margins, _ in loaded])

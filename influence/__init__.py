@@ -7,7 +7,16 @@ the submodules flops, interrupt and distributed are importable as modules too. d
 from influence import distributed, flops, interrupt
 from influence.analyzer import Analyzer
 from influence.arguments import FactorArguments, ScoreArguments
-from influence.distributed import Group, control_group, forget_groups, publish_failure, remember_store
+from influence.distributed import (
+    Group,
+    balanced_owners,
+    control_group,
+    forget_groups,
+    publish_failure,
+    remember_store,
+    this_rank,
+    world_size,
+)
 from influence.errors import InfluenceError
 from influence.interrupt import Interrupted, handling
 from influence.profiler import synchronize
@@ -59,6 +68,9 @@ __all__ = [
     "EKFAC",
     # several processes
     "Group",
+    "this_rank",
+    "world_size",
+    "balanced_owners",
     "control_group",
     "publish_failure",
     "remember_store",

@@ -58,8 +58,14 @@ def remember_store(store: dist.Store | None, timeout: timedelta | None = None) -
     _store, _timeout = store, timeout
 
 
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+def this_rank() -> int:
+    """This process's rank in the job: 0 for a process on its own (no process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The processes of the job: 1 for a process on its own (no process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def publish_failure(message: str) -> None:
@@ -67,7 +73,7 @@ def publish_failure(message: str) -> None:
     if _store is None or not (dist.is_available() and dist.is_initialized()):
         return
     try:
-        _store.set(FAILURE_KEY, f"rank {dist.get_rank()}: {message}")
+        _store.set(FAILURE_KEY, f"rank {this_rank()}: {message}")
     except Exception:  # the store itself may be gone (rank 0 hosted it); the others still stop on their own
         pass
 
@@ -119,9 +125,7 @@ class Group:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        distributed = active()
-        self.world = dist.get_world_size() if distributed else 1
-        self.rank = dist.get_rank() if distributed else 0
+        self.world, self.rank = world_size(), this_rank()
         self.is_main = self.rank == 0
         self._control = None
         self._data = None  # the group sums and shared tensors take
