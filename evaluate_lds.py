@@ -56,7 +56,7 @@ from example.flags import add_data_flags, add_process_flags, parse_damping
 from example.hardware import keep_freed_memory
 from example.results import check_shape, data_fingerprint, file_fingerprint
 from example.run import ArgumentParser, is_main, run_cli, start_processes
-from example.task import ClassificationTask
+from example.task import ClassificationTask, label_margins
 from example.task import evaluate as evaluate_model
 from example.training import add_recipe_flags, recipe_of, train_model
 from influence import (
@@ -191,16 +191,10 @@ def margins_file(out: Path, unit: tuple[int, int]) -> Path:
 
 @torch.no_grad()
 def query_margins(model: torch.nn.Module, queries: CifarData, batch_size: int) -> torch.Tensor:
-    """float32 [Q]: logit of the label minus logsumexp of the others, in eval mode (minus the measurement that
-    analyze.py scores, ClassificationTask.compute_measurement, query by query)."""
+    """float32 [Q]: each query's margin (example.task.label_margins, the measurement analyze.py scores, summed and
+    negated there), in eval mode."""
     model.eval()
-    found = []
-    for x, y in TensorBatches(queries, batch_size):
-        logits = model(x).float()
-        correct = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.scatter(1, y[:, None], -torch.inf)
-        found.append(correct - others.logsumexp(dim=1))
-    return torch.cat(found).cpu()
+    return torch.cat([label_margins(model(x).float(), y) for x, y in TensorBatches(queries, batch_size)]).cpu()
 
 
 def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarData, device) -> float:
