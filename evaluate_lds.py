@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from example import lds
@@ -67,12 +66,14 @@ from influence import (
     ScoreArguments,
     balanced_owners,
     first_difference,
+    read_safetensors,
     save_tensors,
     write_atomically,
 )
 from pipeline import CifarData, TensorBatches, get_cifar10
 
 DEFAULT_DAMPING = 1e-8  # analyze.py's
+REDO = "delete it to redo it"  # what to do about a file of this script's that cannot be read
 
 
 def parse_args(argv=None):
@@ -130,12 +131,10 @@ def parse_args(argv=None):
 
 def load(path: Path, key: str) -> tuple[torch.Tensor, dict]:
     """A tensor and the JSON metadata of a file written by save_tensors(); unreadable: a one-line error."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = {name: json.loads(value) for name, value in (handle.metadata() or {}).items()}
-            return handle.get_tensor(key), meta
-    except (SafetensorError, OSError, ValueError, KeyError) as error:
-        raise PipelineError(f"cannot read {path} ({type(error).__name__}: {error}): delete it to redo it") from None
+    tensors, meta = read_safetensors(path, fix=REDO)
+    if key not in tensors:
+        raise PipelineError(f"cannot read {path} (it holds no {key!r}): {REDO}")
+    return tensors[key], meta
 
 
 def settings_of(args: argparse.Namespace, train: CifarData, queries: CifarData) -> dict:

@@ -125,18 +125,19 @@ def save_tensors(
 FIX_HINT = "delete it, or rerun with overwrite_output_dir=True to recompute"
 
 
-def _unreadable(path: Path, error: Exception) -> InfluenceError:
+def _unreadable(path: Path, error: Exception, fix: str = FIX_HINT) -> InfluenceError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return InfluenceError(f"cannot read {path} ({reason}; truncated or not written by this engine?): {FIX_HINT}")
+    return InfluenceError(f"cannot read {path} ({reason}; truncated or not written by this engine?): {fix}")
 
 
-def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, device: torch.device | str = "cpu", fix: str = FIX_HINT) -> dict[str, torch.Tensor]:
     """The file's tensors on `device`. Read on the CPU, then moved: a GPU out of memory while moving them is an
-    error of its own (OutOfMemoryError), never reported as an unreadable file (which would discard a partial one)."""
+    error of its own (OutOfMemoryError), never reported as an unreadable file (which would discard a partial one).
+    Unreadable: one InfluenceError naming the file and `fix`, what to do about it."""
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise _unreadable(path, error) from None
+        raise _unreadable(path, error, fix) from None
     return move(tensors, device)
 
 
@@ -144,12 +145,22 @@ def move(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[s
     return {name: tensor.to(device) for name, tensor in tensors.items()}
 
 
-def load_metadata(path: Path) -> dict[str, Any]:
+def load_metadata(path: Path, fix: str = FIX_HINT) -> dict[str, Any]:
+    """The metadata save_tensors wrote, each value read back from JSON."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise _unreadable(path, error) from None
+        raise _unreadable(path, error, fix) from None
+
+
+def read_safetensors(
+    path: Path, device: torch.device | str = "cpu", fix: str = FIX_HINT
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors on `device`, metadata) of a file save_tensors wrote; unreadable: one InfluenceError naming the file
+    and `fix`, what to do about it."""
+    metadata = load_metadata(path, fix)
+    return load_tensors(path, device, fix), metadata
 
 
 def read_json(path: Path) -> Any:
@@ -365,8 +376,7 @@ def save_partial(
 def load_partial(path: Path, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str:
     """(tensors, progress) of a saved partial result, or the reason it cannot be used (it is then discarded)."""
     try:
-        metadata = load_metadata(path)
-        tensors = load_tensors(path, device)
+        tensors, metadata = read_safetensors(path, device)
     except InfluenceError:
         return "it is unreadable"
     if metadata.get("partial") is not True or not isinstance(metadata.get("progress"), dict):
