@@ -19,6 +19,7 @@ from influence.distributed import (
 )
 from influence.errors import InfluenceError
 from influence.interrupt import Interrupted, handling
+from influence.passes import Saver
 from influence.profiler import synchronize
 from influence.storage import (
     FACTOR_ARGUMENTS,
@@ -77,8 +78,9 @@ __all__ = [
     "remember_store",
     "forget_groups",
     "distributed",
-    # stopping on SIGTERM and SIGINT
+    # stopping on SIGTERM and SIGINT, saving to resume
     "handling",
+    "Saver",
     "Interrupted",
     "interrupt",
     # timing and FLOP counts

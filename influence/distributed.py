@@ -121,11 +121,13 @@ def balanced_owners(costs: list[float], world: int) -> list[int]:
 
 
 class Group:
-    """This process's view of the job: rank, world size, and the few collectives the engine needs."""
+    """This process's view of the job: rank, world size, and the few collectives the engine needs.
 
-    def __init__(self, device: torch.device) -> None:
+    `alone`: this process by itself, whatever the job (a torchrun worker that trains a model of its own)."""
+
+    def __init__(self, device: torch.device, alone: bool = False) -> None:
         self.device = device
-        self.world, self.rank = world_size(), this_rank()
+        self.world, self.rank = (1, 0) if alone else (world_size(), this_rank())
         self.is_main = self.rank == 0
         self._control = None
         self._data = None  # the group sums and shared tensors take

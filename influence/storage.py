@@ -506,27 +506,52 @@ class Store:
             save_partial(path, tensors, progress)
 
     def resume(
-        self, partial: Path, desc: str, use: Callable[..., dict[str, Any]], saved: tuple | None | str = "read"
-    ) -> dict[str, Any] | None:
-        """The progress of a saved partial result, once rank 0 has handed it to use(tensors, progress).
+        self,
+        partial: Path,
+        desc: str,
+        use: Callable[..., Any],
+        saved: tuple | None | str = "read",
+        arguments: dict[str, Any] | None = None,
+        again: str = "starting the pass over",
+    ) -> Any:
+        """What use(tensors, progress) makes of a saved partial result, once rank 0 has handed it over; None when
+        there is none to use.
 
-        One policy for a partial result that cannot be used (unreadable, or `use` raises KeyError, ValueError or
-        RuntimeError because it was made for another model): say so and start over; the next save replaces it.
+        One policy for a partial result that cannot be used (unreadable; `use` returns the reason, a string, or
+        raises KeyError, ValueError or RuntimeError because it was made for another model): say so and start over
+        (`again` says how); the next save replaces it. A run with other `arguments` (those the partial result's
+        progress records under "arguments") is refused in one line instead: resuming it would mix two runs.
         `saved`: (tensors, progress) already read by rank 0 (a pass saved inside another's file), or "read".
         """
 
-        def read() -> dict[str, Any] | None:
+        def read() -> Any:
             loaded = saved
             if saved == "read":
                 loaded = load_partial(partial, "cpu") if partial.exists() else None
             if loaded is None or isinstance(loaded, str):
-                return loaded and self._discard(partial, desc, loaded)
+                return loaded and self._discard(partial, desc, loaded, again)
             try:
-                return use(*loaded)
+                found = use(*loaded)
             except (KeyError, ValueError, RuntimeError):
-                return self._discard(partial, desc, "made for another model")
+                return self._discard(partial, desc, "made for another model", again)
+            if isinstance(found, str):
+                return self._discard(partial, desc, found, again)
+            if arguments is not None:
+                refuse_other_arguments(partial, loaded[1].get("arguments", {}), arguments)
+            return found
 
         return self.group.on_main(read)
 
-    def _discard(self, partial: Path, desc: str, reason: str) -> None:
-        self.log(f"{desc}: discarding {partial} ({reason}); starting the pass over")
+    def _discard(self, partial: Path, desc: str, reason: str, again: str) -> None:
+        self.log(f"{desc}: discarding {partial} ({reason}); {again}")
+
+
+def refuse_other_arguments(partial: Path, saved: dict[str, Any], arguments: dict[str, Any]) -> None:
+    """The one-line refusal of a partial result saved by a run with other arguments, naming the first that differs."""
+    difference = first_difference(saved, json.loads(json.dumps(arguments)))
+    if difference:
+        key, old, new = difference
+        raise InfluenceError(
+            f"{partial} holds the state of a run with {key}={old!r}, now {key}={new!r}: rerun with the same "
+            "arguments to resume it, or delete it to start over"
+        )
