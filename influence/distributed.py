@@ -58,14 +58,19 @@ def remember_store(store: dist.Store | None, timeout: timedelta | None = None) -
     _store, _timeout = store, timeout
 
 
+def active() -> bool:
+    """Whether this process is one of several (an initialised process group of two or more)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def this_rank() -> int:
-    """This process's rank in the job: 0 for a process on its own (no process group)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank in the job: 0 for a process on its own. The one place the rank is read."""
+    return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
-    """The processes of the job: 1 for a process on its own (no process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """The processes of the job: 1 for a process on its own."""
+    return dist.get_world_size() if active() else 1
 
 
 def publish_failure(message: str) -> None:
