@@ -61,7 +61,15 @@ from example.hardware import (
 )
 from example.run import ArgumentParser, is_main, run_cli, start_processes
 from example.task import ClassificationTask
-from influence import Analyzer, FactorArguments, ScoreArguments, control_group, flops, synchronize
+from influence import (
+    Analyzer,
+    FactorArguments,
+    ScoreArguments,
+    control_group,
+    flops,
+    synchronize,
+    world_size,
+)
 from pipeline import CifarData, TensorBatches, construct_resnet9, get_cifar10
 
 RATE_SPREAD = 0.8  # rates before and after the passes further apart than this are reported as unsteady
@@ -261,7 +269,7 @@ def main() -> None:
     args = parse_args()
     keep_freed_memory()
     device = start_processes(args.dist_timeout, args.device)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     args.influence_batch_size = influence_batch_size(args, device)
     say_if_bf16_is_emulated(device, args.use_half_precision)
     torch.manual_seed(0)

@@ -45,8 +45,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from example import lds
@@ -65,19 +63,24 @@ from example.flags import (
 from example.hardware import keep_freed_memory
 from example.results import check_shape, data_fingerprint, file_fingerprint
 from example.run import ArgumentParser, is_main, run_cli, start_processes
-from example.task import ClassificationTask
+from example.task import ClassificationTask, label_margins
 from example.task import evaluate as evaluate_model
 from example.training import add_recipe_flags, recipe_of, train_model
 from influence import (
     DEFAULT_DAMPING,
     Analyzer,
     FactorArguments,
+    Group,
     ScoreArguments,
+    balanced_owners,
     first_difference,
+    read_safetensors,
     save_tensors,
     write_atomically,
 )
 from pipeline import CifarData, TensorBatches, get_cifar10
+
+REDO = "delete it to redo it"  # what to do about a file of this script's that cannot be read
 
 
 def parse_args(argv=None):
@@ -133,12 +136,10 @@ def parse_args(argv=None):
 
 def load(path: Path, key: str) -> tuple[torch.Tensor, dict]:
     """A tensor and the JSON metadata of a file written by save_tensors(); unreadable: a one-line error."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta = {name: json.loads(value) for name, value in (handle.metadata() or {}).items()}
-            return handle.get_tensor(key), meta
-    except (SafetensorError, OSError, ValueError, KeyError) as error:
-        raise PipelineError(f"cannot read {path} ({type(error).__name__}: {error}): delete it to redo it") from None
+    tensors, meta = read_safetensors(path, fix=REDO)
+    if key not in tensors:
+        raise PipelineError(f"cannot read {path} (it holds no {key!r}): {REDO}")
+    return tensors[key], meta
 
 
 def settings_of(args: argparse.Namespace, train: CifarData, queries: CifarData) -> dict:
@@ -194,16 +195,10 @@ def margins_file(out: Path, unit: tuple[int, int]) -> Path:
 
 @torch.no_grad()
 def query_margins(model: torch.nn.Module, queries: CifarData, batch_size: int) -> torch.Tensor:
-    """float32 [Q]: logit of the label minus logsumexp of the others, in eval mode (minus the measurement that
-    analyze.py scores, ClassificationTask.compute_measurement, query by query)."""
+    """float32 [Q]: each query's margin (example.task.label_margins, the measurement analyze.py scores, summed and
+    negated there), in eval mode."""
     model.eval()
-    found = []
-    for x, y in TensorBatches(queries, batch_size):
-        logits = model(x).float()
-        correct = logits.gather(1, y[:, None]).squeeze(1)
-        others = logits.scatter(1, y[:, None], -torch.inf)
-        found.append(correct - others.logsumexp(dim=1))
-    return torch.cat(found).cpu()
+    return torch.cat([label_margins(model(x).float(), y) for x, y in TensorBatches(queries, batch_size)]).cpu()
 
 
 def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarData, device) -> float:
@@ -230,32 +225,11 @@ def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarDat
     return seconds
 
 
-def share_done(done: list[bool], device: torch.device) -> list[bool]:
-    """Rank 0's view of the finished units, so that every rank splits the same list."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return done
-    flags = torch.tensor(done, dtype=torch.int64)
-    dist.broadcast(flags, src=0)
-    return [bool(v) for v in flags.tolist()]
-
-
-def assign(units: list, rank: int, world: int, alpha: float) -> list:
-    """This rank's units: each in turn to the rank with the least work so far (the full model counts 1 / alpha)."""
-    load_of, mine = [0.0] * world, []
-    for unit in units:
-        target = min(range(world), key=lambda r: (load_of[r], r))
-        load_of[target] += 1.0 if unit is not None else 1.0 / alpha
-        if target == rank:
-            mine.append(unit)
-    return mine
-
-
-def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device) -> None:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device, group: Group) -> None:
+    world, rank = group.world, group.rank
     units = [None] + [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
     done = [unit_path(out, None).exists()] + [margins_file(out, u).exists() for u in units[1:]]
-    done = share_done(done, device)
+    done = group.share(done)  # rank 0's view of the finished units, so that every rank splits the same list
     remaining = [u for u, finished in zip(units, done, strict=True) if not finished]
     if is_main():
         print(
@@ -264,7 +238,9 @@ def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device
             f"of {len(masks[0].nonzero())} images; {world} process{'es' if world > 1 else ''})",
             flush=True,
         )
-    mine = assign(remaining, rank, world, args.alpha)
+    # Each unit to the least loaded rank; the full model counts 1 / alpha, a retraining 1.
+    owners = balanced_owners([1.0 if unit is not None else 1.0 / args.alpha for unit in remaining], world)
+    mine = [unit for unit, owner in zip(remaining, owners, strict=True) if owner == rank]
     seconds = []
     for unit in tqdm(mine, desc="models", disable=not is_main() or not mine):
         took = train_unit(args, out, unit, train, masks, queries, device)
@@ -272,8 +248,7 @@ def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device
             seconds.append(took)
     if seconds:  # every rank says, so that a slow process shows
         print(f"rank {rank}: {len(seconds)} retrainings, {np.mean(seconds):.1f} s per model", flush=True)
-    if world > 1:
-        dist.barrier()  # every model is trained before the scores and the LDS
+    group.barrier()  # every model is trained before the scores and the LDS
 
 
 # ---- Scores ----
@@ -426,7 +401,8 @@ def main() -> None:
     args = parse_args()
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
-    if dist.is_initialized() and device.type == "cpu":
+    group = Group(device)
+    if group.world > 1 and device.type == "cpu":
         torch.set_num_threads(1)  # every process trains whole models: one thread each
     out = Path(args.output_dir)
     train = get_cifar10(args.dataset_dir, "train", num_train=args.num_train, device=device)
@@ -438,12 +414,11 @@ def main() -> None:
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         masks_for(out, settings, args.seed)
-    if dist.is_initialized():
-        dist.barrier()
+    group.barrier()
     masks, _ = load(out / "masks.safetensors", "masks")
 
     began = time.monotonic()
-    retrain(args, out, train, masks, queries, device)
+    retrain(args, out, train, masks, queries, device, group)
     units = [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
     loaded = [load(margins_file(out, unit), "margins") for unit in units]
     margins = torch.stack([unit_margins for unit_margins, _ in loaded])

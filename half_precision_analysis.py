@@ -20,11 +20,11 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import rankdata
 
 from example.errors import PipelineError
 from example.figures import save_figure, subplots
 from example.flags import add_results_flags, figure_file
+from example.lds import spearman
 from example.results import read_pairwise_scores
 from example.run import ArgumentParser, run_cli
 
@@ -37,15 +37,6 @@ def parse_args(argv=None):
         "--figure", type=figure_file, default="figure/half_precision.png", help="where to draw the scatter plot"
     )
     return parser.parse_args(argv)
-
-
-def spearman_per_row(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of each row of a with the same row of b (Pearson of the ranks)."""
-    ra = rankdata(a, axis=1)
-    rb = rankdata(b, axis=1)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    return (ra * rb).sum(1) / np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
 
 
 def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, path: Path, sizes: str) -> None:
@@ -68,7 +59,7 @@ def main() -> None:
         raise PipelineError(f"fp32 scores are {full.shape} but bf16 scores are {half.shape}: rerun with the same sizes")
     if not 0 <= args.query_index < full.shape[0]:
         raise PipelineError(f"--query_index must be below {full.shape[0]}")
-    correlations = spearman_per_row(full, half)
+    correlations = spearman(full, half, axis=1)  # per query
     print(f"Per-query Spearman correlation of bf16 with fp32 scores over {full.shape[0]} queries:")
     print(f"  mean {correlations.mean():.4f}   lowest {correlations.min():.4f}   highest {correlations.max():.4f}")
     query = args.query_index

@@ -39,7 +39,6 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import time
 
-import torch.distributed as dist
 from tqdm import tqdm
 
 from example.checkpoints import check_label_options, checkpoint_path, save_model
@@ -50,7 +49,7 @@ from example.run import ArgumentParser, is_main, run_cli, say_if_bf16_is_emulate
 from example.task import evaluate
 from example.train_state import partial_path
 from example.training import add_recipe_flags, train_model
-from influence import Group
+from influence import Group, this_rank, world_size
 from pipeline import TensorBatches, get_cifar10
 
 # ---- Arguments ----
@@ -91,7 +90,7 @@ def main(argv=None) -> None:
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
     say_if_bf16_is_emulated(device, args.use_half_precision)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = this_rank(), world_size()
     out_path = checkpoint_path(
         args.checkpoint_dir, args.corrupt_percentage, args.noisy_labels_key if args.noisy_labels else None
     )

@@ -43,14 +43,14 @@ def predicted_margins(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return masks.double() @ scores.double().T
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Spearman correlation of every column of x [M, Q] with the same column of y (average ranks for ties);
-    NaN for a column where either is constant."""
-    rx, ry = rankdata(x, axis=0), rankdata(y, axis=0)
-    rx, ry = rx - rx.mean(axis=0), ry - ry.mean(axis=0)
-    norm = np.sqrt((rx**2).sum(axis=0) * (ry**2).sum(axis=0))
+def spearman(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Spearman correlation of every column of x [M, Q] with the same column of y (with axis=1: of every row),
+    average ranks for ties; NaN where either is constant."""
+    rx, ry = rankdata(x, axis=axis), rankdata(y, axis=axis)
+    rx, ry = rx - rx.mean(axis=axis, keepdims=True), ry - ry.mean(axis=axis, keepdims=True)
+    norm = np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, (rx * ry).sum(axis=0) / np.where(norm > 0, norm, 1.0), np.nan)
+        return np.where(norm > 0, (rx * ry).sum(axis=axis) / np.where(norm > 0, norm, 1.0), np.nan)
 
 
 def lds_per_query(predicted: torch.Tensor, margins: torch.Tensor) -> np.ndarray:

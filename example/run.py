@@ -21,7 +21,15 @@ from example.devices import get_device
 from example.errors import PipelineError
 from example.flags import check_sizes, influence_batch_size
 from example.hardware import emulated_bf16_note, keep_freed_memory
-from influence import InfluenceError, Interrupted, forget_groups, handling, publish_failure, remember_store
+from influence import (
+    InfluenceError,
+    Interrupted,
+    forget_groups,
+    handling,
+    publish_failure,
+    remember_store,
+    this_rank,
+)
 
 # ---- Errors and arguments ----
 
@@ -99,7 +107,7 @@ def leave(status: int, was_distributed: bool) -> None:
 
 def is_main() -> bool:
     """Rank 0, or the only process: the one that prints results and draws figures."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return this_rank() == 0
 
 
 # ---- Several processes (torchrun) ----

@@ -12,6 +12,16 @@ from pipeline import TensorBatches
 # ---- Task ----
 
 
+def label_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per example: the logit of its label minus the logsumexp of the other logits (the query measurement, and
+    what evaluate_lds.py records of every retrained model)."""
+    rows = torch.arange(len(labels), device=logits.device)
+    correct = logits[rows, labels]
+    others = logits.clone()
+    others[rows, labels] = -torch.inf
+    return correct - others.logsumexp(dim=-1)
+
+
 class ClassificationTask(Task):
     """Summed cross-entropy for training; minus the summed margin for queries."""
 
@@ -31,13 +41,7 @@ class ClassificationTask(Task):
 
     def compute_measurement(self, batch, model: nn.Module) -> torch.Tensor:
         x, y = batch
-        logits = model(x)
-        rows = torch.arange(len(y), device=logits.device)
-        correct = logits[rows, y]
-        others = logits.clone()
-        others[rows, y] = -torch.inf
-        margins = correct - others.logsumexp(dim=-1)
-        return -margins.sum()
+        return -label_margins(model(x), y).sum()
 
     def tracked_modules(self) -> list[str] | None:
         return None

@@ -3,7 +3,8 @@
 Not run directly; train.py (and any script that trains: the LDS retraining) uses it:
 
     save_training_state(path, model, optimizer, scheduler, progress, loss=...)   # progress: JSON (epoch, step...)
-    saved = read_training_state(path, device)    # (tensors, progress), or why it cannot be used, or None
+    saved = store.resume(path, "training", use)  # the engine reads it back (influence.Store.resume)...
+    not_a_training_state(tensors, progress)      # ...where use() asks this: why it cannot be used, or None
     restore_training_state(saved, model, optimizer, scheduler)
 
 It holds the weights and buffers, the optimiser's state and parameter groups, the schedule's state and the
@@ -19,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence import load_partial, partial_path, save_partial
+from influence import partial_path, save_partial
 
-__all__ = ["partial_path", "read_training_state", "restore_training_state", "save_training_state"]
+__all__ = ["not_a_training_state", "partial_path", "restore_training_state", "save_training_state"]
 
 
 def save_training_state(
@@ -55,19 +56,11 @@ def save_training_state(
     save_partial(path, tensors, {**progress, "run": run}, folder="--checkpoint_dir")
 
 
-def read_training_state(
-    path: Path, device: torch.device | str
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str | None:
-    """(tensors, progress) of a saved state, the reason it cannot be used, or None when there is none."""
-    if not path.exists():
-        return None
-    loaded = load_partial(path, device)
-    if isinstance(loaded, str):
-        return loaded
-    tensors, progress = loaded
+def not_a_training_state(tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> str | None:
+    """Why a partial result read back (tensors, progress) is not a training state, or None when it is one."""
     if not isinstance(progress.get("run"), dict) or not any(name.startswith("model/") for name in tensors):
         return "it is not a training state"
-    return loaded
+    return None
 
 
 def restore_training_state(

@@ -10,7 +10,9 @@ The recipe is the original example's: SGD (momentum 0 by default), the learning 
 its peak at 20% of training and falling linearly to 0, weight decay, random crops and flips, batches reshuffled
 every epoch from --seed + epoch, initial weights from --seed. The training state (example/train_state.py) is saved every
 --save_interval seconds, at a stop, and when the last epoch ends; a run with the same recipe resumes from it to the
-weights an uninterrupted run makes (bit for bit on the CPU).
+weights an uninterrupted run makes (bit for bit on the CPU). When to save and stop, and how a saved state is read
+back (discarded when unusable, refused when another recipe made it), are the engine's, as for its passes
+(influence.Saver, influence.Store.resume).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from tqdm import tqdm
 from example.errors import PipelineError
 from example.flags import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, add_save_interval_flag, seed
 from example.hardware import bf16_hardware_note
-from example.train_state import read_training_state, restore_training_state, save_training_state
-from influence import first_difference, interrupt
+from example.train_state import not_a_training_state, restore_training_state, save_training_state
+from influence import Group, Saver, Store, interrupt
 from pipeline import CifarData, TensorBatches, construct_resnet9
 
 # Fraction of training at which the learning rate peaks (epoch 5 of the original 25).
@@ -89,23 +91,36 @@ def recipe_of(args: argparse.Namespace) -> dict:
 # ---- Training ----
 
 
-class Alone:
-    """The few collectives the loop uses, for a process training a model by itself (an LDS retraining under
-    torchrun, or no torchrun at all)."""
+class TrainingState:
+    """Where a run is (epoch, step, the epoch's loss and examples so far) and its save: every rank's share of the
+    epoch's loss is summed into rank 0's, which writes the training state (example/train_state.py)."""
 
-    world, rank, is_main = 1, 0, True
+    def __init__(self, path: Path, model, optimizer, scheduler, group: Group, arguments: dict, start: float) -> None:
+        self.path, self.model, self.optimizer, self.scheduler = path, model, optimizer, scheduler
+        self.group, self.arguments, self.start = group, arguments, start
+        self.epochs, self.steps = arguments["num_train_epochs"], arguments["steps_per_epoch"]
+        self.at(0, 0, torch.zeros(()), 0)
 
-    def on_main(self, read, device=None):
-        return read()
+    def at(self, epoch: int, step: int, loss: torch.Tensor, count: int) -> None:
+        self.epoch, self.step, self.loss, self.count = epoch, step, loss, count
 
-    def sum_to_main(self, tensors) -> None:
-        pass
+    def where(self) -> str:
+        return position(self.epoch, self.step, self.epochs, self.steps)
 
-    def sync_round(self, wanted: bool, stop: int | None = None) -> tuple[bool, int | None]:
-        return wanted, stop
-
-    def barrier(self) -> None:
-        pass
+    def save(self) -> str:
+        """Save (every rank its share, rank 0 writes); says what and where, for Saver."""
+        totals = [self.loss.detach().clone(), torch.tensor(self.count, dtype=torch.int64, device=self.loss.device)]
+        self.group.sum_to_main(totals)
+        if self.group.is_main:
+            progress = {
+                "epoch": self.epoch,
+                "step": self.step,
+                "epoch_examples": int(totals[1].item()),
+                "elapsed": time.time() - self.start,
+                "arguments": self.arguments,
+            }
+            save_training_state(self.path, self.model, self.optimizer, self.scheduler, progress, epoch_loss=totals[0])
+        return f"the training state at {self.where()} to {self.path}"
 
 
 def train_model(
@@ -113,19 +128,19 @@ def train_model(
     data: CifarData,
     device: torch.device,
     state_path: Path,
-    group=None,
+    group: Group | None = None,
     seed: int | None = None,
     verbose: bool = True,
 ) -> tuple[nn.Module, float]:
     """Train a ResNet-9 from scratch on `data` ("train" split) with the recipe in `args`; (model in train mode,
     seconds of training including any earlier run it resumed).
 
-    `group`: the processes sharing each step's batch (data-parallel, influence.distributed.Group), or None for
-    this process alone. `seed` replaces args.seed (the LDS retrainings each have their own). The state is kept at
+    `group`: the processes sharing each step's batch (data-parallel, influence.Group), or None for this process
+    alone. `seed` replaces args.seed (the LDS retrainings each have their own). The state is kept at
     `state_path` (resumed when it holds this run; the caller removes it once its result is saved). SIGTERM and
     SIGINT stop at the end of the step in progress, saving it, with interrupt.Interrupted.
     """
-    group = group if group is not None else Alone()
+    group = group if group is not None else Group(device, alone=True)
     seed = args.seed if seed is None else seed
     rank, world = group.rank, group.world
     say = (lambda message: tqdm.write(message)) if verbose and group.is_main else (lambda message: None)
@@ -152,7 +167,8 @@ def train_model(
     knots = [0.0, total_steps * WARMUP_FRACTION, float(total_steps)]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(np.interp(step, knots, [0, 1, 0])))
 
-    # ---- Resuming a stopped run (its training state, read by rank 0 and shared) ----
+    # ---- Resuming a stopped run: its training state, read back by the engine's policy (influence.Store.resume:
+    # one that cannot be used is discarded, saying so; one of a run with other arguments is refused) ----
     steps = len(train_batches)
     run_arguments = {
         **recipe_of(args),
@@ -161,7 +177,8 @@ def train_model(
         "labels_sha256": hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest(),
         "steps_per_epoch": steps,
     }
-    saved = group.on_main(lambda: read_state(state_path, run_arguments, device, say), device=device)
+    store = Store(state_path.parent, group, say)
+    saved = store.resume(state_path, "training", usable, arguments=run_arguments, again="training from the start")
     start_epoch, start_step, elapsed = 0, 0, 0.0
     resumed_loss = resumed_count = None
     if saved is not None:
@@ -179,30 +196,10 @@ def train_model(
             )
     trained = DistributedDataParallel(model) if world > 1 else model
     start = time.time() - elapsed
-
-    def save_state(epoch: int, step: int, epoch_loss: torch.Tensor, epoch_count: int) -> str:
-        """Every rank's share of the epoch's loss summed into rank 0's, which writes the state; says what it saved."""
-        totals = [epoch_loss.detach().clone(), torch.tensor(epoch_count, dtype=torch.int64, device=device)]
-        group.sum_to_main(totals)
-        if group.is_main:
-            progress = {
-                "epoch": epoch,
-                "step": step,
-                "epoch_examples": int(totals[1].item()),
-                "elapsed": time.time() - start,
-                "arguments": run_arguments,
-            }
-            save_training_state(state_path, model, optimizer, scheduler, progress, epoch_loss=totals[0])
-        return f"the training state at {position(epoch, step, epochs, steps)} to {state_path}"
-
-    def stop(signum: int, epoch: int, step: int, epoch_loss: torch.Tensor, epoch_count: int) -> None:
-        began = time.monotonic()
-        saved = save_state(epoch, step, epoch_loss, epoch_count)
-        group.barrier()  # torchrun stops the other workers as soon as one exits: let rank 0 finish writing
-        raise interrupt.stopped(signum, f"{saved} in {time.monotonic() - began:.2f} s")
+    state = TrainingState(state_path, model, optimizer, scheduler, group, run_arguments, start)
 
     model.train()
-    last_save = time.monotonic()
+    saver = Saver(group, args.save_interval, state.save)  # after every step: saves every --save_interval, stops
     with interrupt.polling():
         for epoch in range(start_epoch, epochs):
             # Summed on the device: reading the loss every step would make the host wait for the GPU every step.
@@ -228,13 +225,8 @@ def train_model(
                 seen += len(y)
                 if step % 20 == 0 and verbose:
                     progress.set_postfix(loss=f"{loss.item():.3f}")
-                wanted = time.monotonic() - last_save >= args.save_interval
-                saving, signum = group.sync_round(wanted, interrupt.requested())
-                if signum:
-                    stop(signum, epoch, step + 1, epoch_loss, epoch_count)
-                if saving:
-                    save_state(epoch, step + 1, epoch_loss, epoch_count)
-                    last_save = time.monotonic()
+                state.at(epoch, step + 1, epoch_loss, epoch_count)
+                saver.meet()
             totals = torch.stack([epoch_loss, torch.tensor(float(epoch_count), device=device)])
             if world > 1:  # the loss over every rank's slices
                 dist.all_reduce(totals)
@@ -251,34 +243,19 @@ def train_model(
 
         # The trained weights stay saved as a training state until the caller has saved its result, so a stop
         # during what follows (evaluation, margins) loses no training.
-        zero = torch.zeros((), device=device)
-        _, signum = group.sync_round(False, interrupt.requested())
-        if signum:
-            stop(signum, epochs, 0, zero, 0)
+        state.at(epochs, 0, torch.zeros((), device=device), 0)
+        saver.meet(may_save=False)
         if start_epoch < epochs:
-            save_state(epochs, 0, zero, 0)
+            state.save()
     return model, time.time() - start
+
+
+def usable(tensors: dict[str, torch.Tensor], progress: dict) -> tuple | str:
+    """A training state read back, as it is, or why it is not one (for Store.resume)."""
+    return not_a_training_state(tensors, progress) or (tensors, progress)
 
 
 def position(epoch: int, step: int, epochs: int, steps: int) -> str:
     if epoch >= epochs:
         return "the end of training"
     return f"epoch {epoch + 1}/{epochs}, step {step}/{steps}"
-
-
-def read_state(path: Path, run_arguments: dict, device: torch.device, say=print):
-    """Rank 0: the saved training state of this run, or None; one that cannot be read is discarded, saying so."""
-    saved = read_training_state(path, device)
-    if isinstance(saved, str):
-        say(f"discarding {path} ({saved}); training from the start")
-        path.unlink()
-        return None
-    if saved is not None:
-        difference = first_difference(saved[1].get("arguments", {}), run_arguments)
-        if difference:
-            key, old, new = difference
-            raise PipelineError(
-                f"{path} holds the state of a run with {key}={old!r}, now {key}={new!r}: rerun with the same "
-                "arguments to resume it, or delete it to start over"
-            )
-    return saved

@@ -7,9 +7,19 @@ the submodules flops, interrupt and distributed are importable as modules too. d
 from influence import distributed, flops, interrupt
 from influence.analyzer import DEFAULT_SAVE_INTERVAL, Analyzer
 from influence.arguments import DEFAULT_DAMPING, FactorArguments, ScoreArguments
-from influence.distributed import Group, control_group, forget_groups, publish_failure, remember_store
+from influence.distributed import (
+    Group,
+    balanced_owners,
+    control_group,
+    forget_groups,
+    publish_failure,
+    remember_store,
+    this_rank,
+    world_size,
+)
 from influence.errors import InfluenceError
 from influence.interrupt import Interrupted, handling
+from influence.passes import Saver
 from influence.profiler import synchronize
 from influence.storage import (
     FACTOR_ARGUMENTS,
@@ -22,6 +32,7 @@ from influence.storage import (
     load_tensors,
     partial_path,
     read_json,
+    read_safetensors,
     safetensors_size,
     save_partial,
     save_tensors,
@@ -61,13 +72,17 @@ __all__ = [
     "EKFAC",
     # several processes
     "Group",
+    "this_rank",
+    "world_size",
+    "balanced_owners",
     "control_group",
     "publish_failure",
     "remember_store",
     "forget_groups",
     "distributed",
-    # stopping on SIGTERM and SIGINT
+    # stopping on SIGTERM and SIGINT, saving to resume
     "handling",
+    "Saver",
     "Interrupted",
     "interrupt",
     # timing and FLOP counts
@@ -80,6 +95,7 @@ __all__ = [
     "SELF_SCORES",
     "Store",
     "load_tensors",
+    "read_safetensors",
     "save_tensors",
     "read_json",
     "write_atomically",

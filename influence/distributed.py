@@ -59,7 +59,18 @@ def remember_store(store: dist.Store | None, timeout: timedelta | None = None) -
 
 
 def active() -> bool:
+    """Whether this process is one of several (an initialised process group of two or more)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def this_rank() -> int:
+    """This process's rank in the job: 0 for a process on its own. The one place the rank is read."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """The processes of the job: 1 for a process on its own."""
+    return dist.get_world_size() if active() else 1
 
 
 def publish_failure(message: str) -> None:
@@ -67,7 +78,7 @@ def publish_failure(message: str) -> None:
     if _store is None or not (dist.is_available() and dist.is_initialized()):
         return
     try:
-        _store.set(FAILURE_KEY, f"rank {dist.get_rank()}: {message}")
+        _store.set(FAILURE_KEY, f"rank {this_rank()}: {message}")
     except Exception:  # the store itself may be gone (rank 0 hosted it); the others still stop on their own
         pass
 
@@ -115,13 +126,13 @@ def balanced_owners(costs: list[float], world: int) -> list[int]:
 
 
 class Group:
-    """This process's view of the job: rank, world size, and the few collectives the engine needs."""
+    """This process's view of the job: rank, world size, and the few collectives the engine needs.
 
-    def __init__(self, device: torch.device) -> None:
+    `alone`: this process by itself, whatever the job (a torchrun worker that trains a model of its own)."""
+
+    def __init__(self, device: torch.device, alone: bool = False) -> None:
         self.device = device
-        distributed = active()
-        self.world = dist.get_world_size() if distributed else 1
-        self.rank = dist.get_rank() if distributed else 0
+        self.world, self.rank = (1, 0) if alone else (world_size(), this_rank())
         self.is_main = self.rank == 0
         self._control = None
         self._data = None  # the group sums and shared tensors take

@@ -6,9 +6,9 @@ files. `Loop.run` is the one place where ranks, resuming and the final save are 
 
 - Batches before the saved progress are skipped (their sizes must match what was saved, else the pass starts
   over); the rest go round-robin to the ranks: in round r, rank k runs batch `first + r * world + k`.
-- After each round the ranks meet (Group.sync_round): every save_interval seconds they sum their shares of the
-  state into rank 0, which saves it as the partial result; a stop asked by SIGTERM or SIGINT on any rank is
-  acted on there: the state is saved the same way and interrupt.Interrupted raised.
+- After each round the ranks meet (a `Saver`, which training uses too): every save_interval seconds they sum
+  their shares of the state into rank 0, which saves it as the partial result; a stop asked by SIGTERM or SIGINT
+  on any rank is acted on there: the state is saved the same way and interrupt.Interrupted raised.
 - At the end the state is summed into rank 0, which writes the result files and removes the partial one.
 
 A pass that is not split (the pairwise pass over query batches: every rank runs each query batch, whose own
@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from tqdm import tqdm
@@ -91,6 +91,38 @@ class _Run:
 
 class _Restart(Exception):
     """The saved partial result was made with other batches: the pass starts over."""
+
+
+class Saver:
+    """When a resumable loop saves what it has, at the points where its ranks meet (after each round of a pass,
+    after each training step): every `interval` seconds, and at a stop asked by SIGTERM or SIGINT on any rank,
+    after which interrupt.Interrupted is raised. `save()` saves (every rank its share, rank 0 writes) and says
+    what and where. Used inside interrupt.polling(), so that signals wait for the next meeting."""
+
+    def __init__(self, group: Group, interval: float, save: Callable[[], str]) -> None:
+        self.group, self.interval, self.save = group, interval, save
+        self.last = time.monotonic()
+
+    def meet(self, may_save: bool = True) -> None:
+        """Every rank, at the same point: save if rank 0's interval is up (and `may_save`), stop if a rank was asked."""
+        wanted = may_save and time.monotonic() - self.last >= self.interval
+        saving, stop = self.group.sync_round(wanted, interrupt.requested())
+        if stop:
+            self.stop(stop)
+        if saving:
+            self.save()
+            self.last = time.monotonic()
+
+    def stop(self, signum: int) -> NoReturn:
+        """Save and raise Interrupted; rank 0's message says what was saved and where.
+
+        The ranks wait for rank 0's write before any of them leaves: torchrun stops the remaining workers as soon
+        as one exits with an error."""
+        interrupt.note(signum)
+        start = time.monotonic()
+        saved = self.save()
+        self.group.barrier()
+        raise interrupt.stopped(signum, f"{saved} in {time.monotonic() - start:.2f} s")
 
 
 class Loop:
@@ -164,7 +196,7 @@ class Loop:
         sizes = run.sizes = []
         run.unread = None
         offset = 0
-        last_save = time.monotonic()
+        saver = Saver(self.group, self.save_interval, lambda: self._save(run))
         total = len(job.data) if hasattr(job.data, "__len__") else None
         bar = tqdm(desc=job.desc, total=total, initial=first, disable=self.disable_tqdm, leave=not job.split)
         stoppable = interrupt.polling() if job.split else contextlib.nullcontext()
@@ -190,13 +222,7 @@ class Loop:
                 if not job.split:
                     self._save(run)
                 elif (index - first) % world == world - 1:
-                    wanted = time.monotonic() - last_save >= self.save_interval
-                    saving, stop = self.group.sync_round(wanted, interrupt.requested())
-                    if stop:
-                        self._stop(run, stop)
-                    if saving:
-                        self._save(run)
-                        last_save = time.monotonic()
+                    saver.meet()
         self._check(run)
         if first > len(sizes):
             raise _Restart
@@ -236,17 +262,6 @@ class Loop:
         with self.profiler.record("Save Partial Result"):
             self.store.save_partial(self._partial(job), tensors, progress)
         return f"{job.desc} after {len(sizes)} {job.units[0]} ({sum(sizes)} {job.units[1]}) to {self._partial(job)}"
-
-    def _stop(self, run: _Run, signum: int) -> None:
-        """Save what the pass has (every rank its share) and raise Interrupted; rank 0's message says what and where.
-
-        The ranks wait for rank 0's write before any of them leaves: torchrun stops the remaining workers as soon
-        as one exits with an error."""
-        interrupt.note(signum)
-        start = time.monotonic()
-        saved = self._save(run)
-        self.group.barrier()
-        raise interrupt.stopped(signum, f"{saved} in {time.monotonic() - start:.2f} s")
 
 
 class Columns:

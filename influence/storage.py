@@ -125,18 +125,19 @@ def save_tensors(
 FIX_HINT = "delete it, or rerun with overwrite_output_dir=True to recompute"
 
 
-def _unreadable(path: Path, error: Exception) -> InfluenceError:
+def _unreadable(path: Path, error: Exception, fix: str = FIX_HINT) -> InfluenceError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return InfluenceError(f"cannot read {path} ({reason}; truncated or not written by this engine?): {FIX_HINT}")
+    return InfluenceError(f"cannot read {path} ({reason}; truncated or not written by this engine?): {fix}")
 
 
-def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, device: torch.device | str = "cpu", fix: str = FIX_HINT) -> dict[str, torch.Tensor]:
     """The file's tensors on `device`. Read on the CPU, then moved: a GPU out of memory while moving them is an
-    error of its own (OutOfMemoryError), never reported as an unreadable file (which would discard a partial one)."""
+    error of its own (OutOfMemoryError), never reported as an unreadable file (which would discard a partial one).
+    Unreadable: one InfluenceError naming the file and `fix`, what to do about it."""
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise _unreadable(path, error) from None
+        raise _unreadable(path, error, fix) from None
     return move(tensors, device)
 
 
@@ -144,12 +145,22 @@ def move(tensors: dict[str, torch.Tensor], device: torch.device | str) -> dict[s
     return {name: tensor.to(device) for name, tensor in tensors.items()}
 
 
-def load_metadata(path: Path) -> dict[str, Any]:
+def load_metadata(path: Path, fix: str = FIX_HINT) -> dict[str, Any]:
+    """The metadata save_tensors wrote, each value read back from JSON."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise _unreadable(path, error) from None
+        raise _unreadable(path, error, fix) from None
+
+
+def read_safetensors(
+    path: Path, device: torch.device | str = "cpu", fix: str = FIX_HINT
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors on `device`, metadata) of a file save_tensors wrote; unreadable: one InfluenceError naming the file
+    and `fix`, what to do about it."""
+    metadata = load_metadata(path, fix)
+    return load_tensors(path, device, fix), metadata
 
 
 def read_json(path: Path) -> Any:
@@ -365,8 +376,7 @@ def save_partial(
 def load_partial(path: Path, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str:
     """(tensors, progress) of a saved partial result, or the reason it cannot be used (it is then discarded)."""
     try:
-        metadata = load_metadata(path)
-        tensors = load_tensors(path, device)
+        tensors, metadata = read_safetensors(path, device)
     except InfluenceError:
         return "it is unreadable"
     if metadata.get("partial") is not True or not isinstance(metadata.get("progress"), dict):
@@ -496,27 +506,52 @@ class Store:
             save_partial(path, tensors, progress)
 
     def resume(
-        self, partial: Path, desc: str, use: Callable[..., dict[str, Any]], saved: tuple | None | str = "read"
-    ) -> dict[str, Any] | None:
-        """The progress of a saved partial result, once rank 0 has handed it to use(tensors, progress).
+        self,
+        partial: Path,
+        desc: str,
+        use: Callable[..., Any],
+        saved: tuple | None | str = "read",
+        arguments: dict[str, Any] | None = None,
+        again: str = "starting the pass over",
+    ) -> Any:
+        """What use(tensors, progress) makes of a saved partial result, once rank 0 has handed it over; None when
+        there is none to use.
 
-        One policy for a partial result that cannot be used (unreadable, or `use` raises KeyError, ValueError or
-        RuntimeError because it was made for another model): say so and start over; the next save replaces it.
+        One policy for a partial result that cannot be used (unreadable; `use` returns the reason, a string, or
+        raises KeyError, ValueError or RuntimeError because it was made for another model): say so and start over
+        (`again` says how); the next save replaces it. A run with other `arguments` (those the partial result's
+        progress records under "arguments") is refused in one line instead: resuming it would mix two runs.
         `saved`: (tensors, progress) already read by rank 0 (a pass saved inside another's file), or "read".
         """
 
-        def read() -> dict[str, Any] | None:
+        def read() -> Any:
             loaded = saved
             if saved == "read":
                 loaded = load_partial(partial, "cpu") if partial.exists() else None
             if loaded is None or isinstance(loaded, str):
-                return loaded and self._discard(partial, desc, loaded)
+                return loaded and self._discard(partial, desc, loaded, again)
             try:
-                return use(*loaded)
+                found = use(*loaded)
             except (KeyError, ValueError, RuntimeError):
-                return self._discard(partial, desc, "made for another model")
+                return self._discard(partial, desc, "made for another model", again)
+            if isinstance(found, str):
+                return self._discard(partial, desc, found, again)
+            if arguments is not None:
+                refuse_other_arguments(partial, loaded[1].get("arguments", {}), arguments)
+            return found
 
         return self.group.on_main(read)
 
-    def _discard(self, partial: Path, desc: str, reason: str) -> None:
-        self.log(f"{desc}: discarding {partial} ({reason}); starting the pass over")
+    def _discard(self, partial: Path, desc: str, reason: str, again: str) -> None:
+        self.log(f"{desc}: discarding {partial} ({reason}); {again}")
+
+
+def refuse_other_arguments(partial: Path, saved: dict[str, Any], arguments: dict[str, Any]) -> None:
+    """The one-line refusal of a partial result saved by a run with other arguments, naming the first that differs."""
+    difference = first_difference(saved, json.loads(json.dumps(arguments)))
+    if difference:
+        key, old, new = difference
+        raise InfluenceError(
+            f"{partial} holds the state of a run with {key}={old!r}, now {key}={new!r}: rerun with the same "
+            "arguments to resume it, or delete it to start over"
+        )
