@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import signal
 
+from example.results import made_from
+
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -30,7 +32,6 @@ from example.flags import add_checkpoint_flags, add_data_flags, add_influence_fl
 from example.results import (
     check_shape,
     data_fingerprint,
-    file_fingerprint,
     influence_arguments,
     make_analyzer,
     results_name,
@@ -62,12 +63,7 @@ def main() -> None:
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)
     queries = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_queries, "--num_queries")
 
-    # What the results are made from, checked when they are reused: the weights, and the images and labels used.
-    data_info = {
-        "checkpoint_sha256": file_fingerprint(checkpoint),
-        "num_train": len(train),
-        "data_sha256": data_fingerprint(train.images, train.labels),
-    }
+    data_info = made_from(checkpoint, train)
     factor_args, score_args = influence_arguments(args, data_info)
     queries_sha256 = data_fingerprint(queries.images, queries.labels)
     score_args.info = {**data_info, "num_queries": len(queries), "queries_sha256": queries_sha256}

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import signal
 
+from example.results import made_from
+
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -45,7 +47,6 @@ from example.figures import save_figure, subplots
 from example.flags import add_checkpoint_flags, add_data_flags, add_influence_flags, add_label_flags, figure_file
 from example.results import (
     check_shape,
-    data_fingerprint,
     file_fingerprint,
     influence_arguments,
     make_analyzer,
@@ -229,15 +230,8 @@ def main() -> None:
     if not mislabeled.any():
         raise PipelineError("no training label differs from the dataset's: nothing to detect")
     labels = f"noisy:{Path(args.noisy_labels).name}:{args.noisy_labels_key}" if noisy else f"corrupt:{corrupt}"
-    # What the results are made from, checked when they are reused: the weights, the images and the labels used,
-    # and the label file's content (its name alone would let an edited file reuse stale scores).
-    info = {
-        "checkpoint_sha256": file_fingerprint(checkpoint),
-        "num_train": len(train),
-        "labels": labels,
-        "data_sha256": data_fingerprint(train.images, train.labels),
-    }
-    if noisy:
+    info = made_from(checkpoint, train, labels=labels)
+    if noisy:  # the label file's content: its name alone would let an edited file reuse stale scores
         info["label_file_sha256"] = file_fingerprint(args.noisy_labels)
     factor_args, score_args = influence_arguments(args, info)
     prefix = f"noisy_{args.noisy_labels_key}_" if noisy else ""

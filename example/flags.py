@@ -15,7 +15,7 @@ import torch
 
 from example.errors import PipelineError
 from example.hardware import bf16_hardware_note
-from influence import DEFAULT_DAMPING, DEFAULT_SAVE_INTERVAL, STRATEGIES, FactorArguments
+from influence import DEFAULT_DAMPING, DEFAULT_SAVE_INTERVAL, DEFAULT_STRATEGY, STRATEGIES, FactorArguments
 
 # ---- Flag types: a bad value is refused while the flags are read, in one line, before any work starts ----
 
@@ -166,9 +166,9 @@ def add_strategy_flag(parser: argparse.ArgumentParser, several: bool = False) ->
         return
     parser.add_argument(
         "--factor_strategy",
-        default="ekfac",
+        default=DEFAULT_STRATEGY,
         choices=STRATEGIES,
-        help="curvature used to precondition gradients (default: ekfac)",
+        help=f"curvature used to precondition gradients (default: {DEFAULT_STRATEGY})",
     )
 
 

@@ -39,6 +39,17 @@ def file_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def made_from(checkpoint: str | Path, train, **more) -> dict:
+    """What influence results are made from, recorded with them and checked when they are reused: the weights,
+    the number of training examples, `more` (such as the labels' origin), and the images and labels used."""
+    return {
+        "checkpoint_sha256": file_fingerprint(checkpoint),
+        "num_train": len(train),
+        **more,
+        "data_sha256": data_fingerprint(train.images, train.labels),
+    }
+
+
 def data_fingerprint(*tensors: torch.Tensor) -> str:
     """sha256 of the examples actually used (uint8 images, labels as given), with their dtypes and shapes, so that
     results made from other images or labels are never silently reused. Every byte is hashed, not a sample: an

@@ -40,6 +40,7 @@ from influence.storage import (
 )
 from influence.strategies import (
     ALL_STRATEGIES,
+    DEFAULT_STRATEGY,
     DIAGONAL,
     EKFAC,
     IDENTITY,
@@ -62,6 +63,7 @@ __all__ = [
     "InfluenceError",
     # strategies
     "STRATEGIES",
+    "DEFAULT_STRATEGY",
     "STRATEGY_LABELS",
     "ALL_STRATEGIES",
     "Strategy",
