@@ -16,8 +16,6 @@ from example.errors import PipelineError
 from influence import safetensors_size, write_atomically
 from pipeline import check_label_options, construct_resnet9
 
-# ---- Checkpoints ----
-
 
 def checkpoint_path(
     checkpoint_dir: str | Path, corrupt_percentage: float | None = None, noisy_labels_key: str | None = None

@@ -6,8 +6,6 @@ from pathlib import Path
 
 from influence import write_atomically
 
-# ---- Figures ----
-
 
 def subplots(*args, **kwargs):
     """matplotlib's (figure, axes), drawn off-screen (no display needed); save with save_figure."""
