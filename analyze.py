@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import signal
 
-from example.results import made_from
-
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -33,6 +31,7 @@ from example.results import (
     check_shape,
     data_fingerprint,
     influence_arguments,
+    made_from,
     make_analyzer,
     results_name,
 )

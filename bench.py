@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import signal
 
-from example.run import say_if_bf16_is_emulated
-
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 
 import argparse
 import contextlib
@@ -59,7 +56,7 @@ from example.hardware import (
     cpu_info_lines,
     keep_freed_memory,
 )
-from example.run import ArgumentParser, is_main, run_cli, start_processes
+from example.run import ArgumentParser, is_main, run_cli, say_if_bf16_is_emulated, start_processes
 from example.task import ClassificationTask
 from influence import (
     Analyzer,

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import signal
 
-from example.results import made_from
-
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -49,6 +47,7 @@ from example.results import (
     check_shape,
     file_fingerprint,
     influence_arguments,
+    made_from,
     make_analyzer,
     results_name,
 )

@@ -31,11 +31,8 @@ from __future__ import annotations
 
 import signal
 
-from influence import IDENTITY
-
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 
 import argparse
 import json
@@ -68,6 +65,7 @@ from example.task import evaluate as evaluate_model
 from example.training import add_recipe_flags, recipe_of, train_model
 from influence import (
     DEFAULT_DAMPING,
+    IDENTITY,
     Analyzer,
     FactorArguments,
     Group,

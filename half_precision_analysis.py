@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import signal
 
-from influence import STRATEGY_LABELS
-
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from example.flags import add_results_flags, figure_file
 from example.lds import spearman
 from example.results import read_pairwise_scores
 from example.run import ArgumentParser, run_cli
+from influence import STRATEGY_LABELS
 
 
 def parse_args(argv=None):

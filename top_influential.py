@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import signal
 
-from influence import STRATEGY_LABELS
-
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
-
 
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from example.figures import save_figure, subplots
 from example.flags import NON_NEGATIVE_INT, POSITIVE_INT, add_data_flags, add_results_flags, figure_file
 from example.results import read_pairwise_scores
 from example.run import ArgumentParser, run_cli
+from influence import STRATEGY_LABELS
 from pipeline import CLASSES, get_cifar10
 
 

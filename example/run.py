@@ -1,6 +1,6 @@
 """How each script runs: one-line errors and exit codes, signals, and the processes of a torchrun job.
 
-    from example.run import ArgumentParser, run_cli, start_processes
+from example.run import ArgumentParser, run_cli, start_processes
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ by tests.helpers.launch from the repository root, as a module so that it imports
     RANK=.. WORLD_SIZE=.. MASTER_ADDR=127.0.0.1 MASTER_PORT=.. python -m tests.engine_worker OUT '{"...": ...}'
 
 Fits factors and computes pairwise and self scores for every case of CASES on a tiny float64 CNN, with the
-scripts' own process set-up (example.run.start_processes) and error handling (example.run.run_cli). Rank 0's engine writes the
-results under OUT/<case>/; every rank also writes the scores the engine returned to it as
+scripts' own process set-up (example.run.start_processes) and error handling (example.run.run_cli). Rank 0's
+engine writes the results under OUT/<case>/; every rank also writes the scores the engine returned to it as
 OUT/returned_rank<r>_<case>.safetensors, so the test can check that every rank can read the results.
 
 Options (JSON): "cases" (names, default all), "max_elements" (chunk bound), "save_interval" (seconds),
