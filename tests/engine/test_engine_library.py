@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import re
@@ -12,6 +13,7 @@ import zipfile
 
 import pytest
 
+import influence
 from tests.helpers import REPO_ROOT
 
 EXAMPLE_HEADING = "## Example: an MLP on generated data"
@@ -130,3 +132,21 @@ def test_the_engine_names_no_script_and_no_flag():
             if re.search(r"--[a-z]|\b\w+\.py\b", line):
                 found.append(f"{path.name}:{number}: {line.strip()}")
     assert not found, "\n".join(found)
+
+
+def test_the_example_imports_only_what_the_engine_exports():
+    """The scripts, pipeline.py and example/ use the engine through `influence` alone, never its private modules."""
+    example = [*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "example").glob("*.py")]
+    reaching = [
+        f"{path.name}: {line.strip()}"
+        for path in example
+        for line in path.read_text().splitlines()
+        if re.match(r"\s*(from influence\.\w+ import|import influence\.)", line)
+    ]
+    assert not reaching, reaching
+    exported = set(influence.__all__)
+    for path in example:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "influence":
+                used = {alias.name for alias in node.names}
+                assert used <= exported, (path.name, sorted(used - exported))
