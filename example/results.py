@@ -8,8 +8,10 @@ import hashlib
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from example.errors import PipelineError
+from example.run import in_flags
 from example.task import ClassificationTask
 from influence import (
     PAIRWISE_SCORES,
@@ -81,6 +83,7 @@ def make_analyzer(analysis_name: str, model: torch.nn.Module, args: argparse.Nam
         output_dir=args.output_dir,
         profile=args.profile,
         save_interval=args.save_interval,
+        log=lambda message: tqdm.write(in_flags(message)),  # the engine names its arguments; users type flags
     )
 
 

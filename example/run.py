@@ -82,6 +82,7 @@ def run_cli(main: Callable[[], object]) -> None:
 # The engine's messages name its arguments (influence/ knows no command line); the scripts' users type flags.
 ENGINE_ARGUMENTS = {
     "overwrite_output_dir=True": "--overwrite_output_dir",
+    "overwrite_output_dir": "--overwrite_output_dir",
     "output_dir": "--output_dir",
     "train_batch_size": "--influence_batch_size",
     "query_batch_size": "--query_batch_size",

@@ -89,6 +89,7 @@ class Analyzer:
         disable_tqdm: bool = False,
         save_interval: float = DEFAULT_SAVE_INTERVAL,
         max_elements: int | None | str = "auto",
+        log: Callable[[str], None] | None = None,
     ) -> None:
         parameters = list(model.parameters())
         if not parameters:
@@ -98,6 +99,7 @@ class Analyzer:
         self.device = parameters[0].device
         self.dtype = torch.float64 if parameters[0].dtype == torch.float64 else torch.float32
         self.folder = Path(output_dir) / analysis_name
+        self.user_log = log
         self.profiler = Profiler(profile, self.device)
         self.group = Group(self.device)
         self.store = Store(self.folder, self.group, self._log)
@@ -109,8 +111,10 @@ class Analyzer:
         self.max_elements = max_elements
 
     def _log(self, message: str) -> None:
+        """What the analyzer says of reused, resumed or discarded results: one line on rank 0, through `log` when
+        given (a program may say it in its own terms), else beside the progress bars."""
         if self.group.is_main:
-            tqdm.write(message)
+            (self.user_log or tqdm.write)(message)
 
     # ------------------------------------------------------------------ one batch's forward and backward
 
