@@ -150,3 +150,9 @@ def test_the_example_imports_only_what_the_engine_exports():
             if isinstance(node, ast.ImportFrom) and node.module == "influence":
                 used = {alias.name for alias in node.names}
                 assert used <= exported, (path.name, sorted(used - exported))
+
+
+def test_every_exported_name_is_documented():
+    api = (REPO_ROOT / "docs" / "engine.md").read_text().split("## API", 1)[1].split("## Files", 1)[0]
+    undocumented = [name for name in influence.__all__ if f"`{name}`" not in api]
+    assert not undocumented, f"docs/engine.md's API section does not name {undocumented}"
