@@ -74,6 +74,7 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--top_figure",
+        type=figure_file,
         default=None,
         help="where to draw the top-ranked images (default: the --figure name with _top)",
     )

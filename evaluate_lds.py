@@ -58,8 +58,8 @@ from example.flags import (
     influence_batch_size,
 )
 from example.hardware import keep_freed_memory
-from example.results import check_shape, data_fingerprint, file_fingerprint
-from example.run import ArgumentParser, is_main, run_cli, start_processes
+from example.results import check_shape, data_fingerprint, made_from
+from example.run import ArgumentParser, in_flags, is_main, run_cli, start_processes
 from example.task import ClassificationTask, label_margins
 from example.task import evaluate as evaluate_model
 from example.training import add_recipe_flags, recipe_of, train_model
@@ -268,13 +268,12 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
         output_dir=str(out / "influence_results"),
         profile=args.profile,
         save_interval=args.save_interval,
+        log=lambda message: tqdm.write(in_flags(message)),  # the engine names its arguments; users type flags
     )
     train_batches = TensorBatches(train_eval, influence_batch_size(args, device))
     query_batches = TensorBatches(queries, min(args.query_batch_size, len(queries)))
     # Saved factors and scores are reused only for this model and data (the engine checks these facts).
-    info = {"checkpoint_sha256": file_fingerprint(unit_path(out, None)), "num_train": len(train_eval)}
-    info["num_queries"] = len(queries)
-    info["data_sha256"] = data_fingerprint(train_eval.images, train_eval.labels)
+    info = made_from(unit_path(out, None), train_eval, num_queries=len(queries))
     info["queries_sha256"] = data_fingerprint(queries.images, queries.labels)
     found = {}
     for strategy in args.factor_strategy:

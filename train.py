@@ -41,16 +41,15 @@ import time
 
 from tqdm import tqdm
 
-from example.checkpoints import check_label_options, checkpoint_path, save_model
+from example.checkpoints import checkpoint_path, save_model
 from example.errors import PipelineError
 from example.flags import POSITIVE_INT, add_checkpoint_flags, add_data_flags, add_label_flags, add_process_flags
 from example.hardware import keep_freed_memory
 from example.run import ArgumentParser, is_main, run_cli, say_if_bf16_is_emulated, start_processes
 from example.task import evaluate
-from example.train_state import partial_path
 from example.training import add_recipe_flags, train_model
-from influence import Group, this_rank, world_size
-from pipeline import TensorBatches, get_cifar10
+from influence import Group, partial_path, this_rank, world_size
+from pipeline import TensorBatches, check_label_options, get_cifar10
 
 # ---- Arguments ----
 

@@ -93,9 +93,6 @@ def add_process_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-# ---- Influence runs: flags and settings shared by analyze.py, detect_mislabeled_dataset.py and bench.py ----
-
-
 # What "fp32" means on a GPU: torch's default, which the original example ran with (docs/gpu.md).
 FP32_POLICY = "fp32, with torch's default on a GPU: convolutions in TF32 (cuDNN), matrix products in fp32"
 

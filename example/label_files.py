@@ -9,7 +9,7 @@ Two formats are accepted, both mapping names to 1-D integer arrays in training o
   rebuilds a numpy array, under numpy 1.x (`numpy.core`) or 2.x (`numpy._core`), and refuses anything else
   before calling it. The same unpickler (ArraysOnlyUnpickler) reads the CIFAR-10 batch files (pipeline.py).
 
-    from label_files import read_label_arrays
+    from example.label_files import read_label_arrays
     arrays = read_label_arrays("CIFAR-10_human.pt")   # {"clean_label": array([...]), ...}
 """
 

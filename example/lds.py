@@ -2,7 +2,7 @@
 
 Not run directly; evaluate_lds.py uses it, and so can anyone holding scores and the retrainings' files:
 
-    from lds import draw_masks, predicted_margins, lds_per_query, summarize
+    from example.lds import draw_masks, lds_per_query, paired_difference, predicted_margins, summarize
     masks = draw_masks(num_subsets=100, num_train=50_000, alpha=0.5, seed=0)   # bool [M, N]
     per_query = lds_per_query(predicted_margins(scores, masks), margins)       # scores [Q, N], margins [M, K, Q]
     summarize(per_query)                                                       # mean, 95% bootstrap interval

@@ -1,6 +1,7 @@
-"""How each script runs: one-line errors and exit codes, signals, and the processes of a torchrun job.
+"""How each script runs: one-line errors and exit codes, signals, the processes of a torchrun job, and the start
+of an influence run (sizes, memory, processes, batch size, the bf16 note).
 
-from example.run import ArgumentParser, run_cli, start_processes
+    from example.run import ArgumentParser, is_main, run_cli, start_influence_run, start_processes
 """
 
 from __future__ import annotations
@@ -184,6 +185,7 @@ def start_influence_run(args: argparse.Namespace, *sizes: str) -> torch.device:
 
 
 def say_if_bf16_is_emulated(device: torch.device, half: bool) -> None:
+    """Rank 0 says in one line when bf16 was asked for on a CPU that emulates it (slower than fp32 there)."""
     note = emulated_bf16_note(device, half)
     if note is not None and is_main():
         print(note, file=sys.stderr, flush=True)

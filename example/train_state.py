@@ -1,6 +1,6 @@
 """A training run's state on disk, so that a stopped run resumes where it was: safetensors + JSON, no pickle.
 
-Not run directly; train.py (and any script that trains: the LDS retraining) uses it:
+Not run directly; example/training.py (the loop of train.py and of evaluate_lds.py's retrainings) uses it:
 
     save_training_state(path, model, optimizer, scheduler, progress, loss=...)   # progress: JSON (epoch, step...)
     saved = store.resume(path, "training", use)  # the engine reads it back (influence.Store.resume)...
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence import partial_path, save_partial
+from influence import save_partial
 
-__all__ = ["not_a_training_state", "partial_path", "restore_training_state", "save_training_state"]
+__all__ = ["not_a_training_state", "restore_training_state", "save_training_state"]
 
 
 def save_training_state(

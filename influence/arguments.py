@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from influence.errors import InfluenceError
-from influence.strategies import DEFAULT_STRATEGY, STRATEGIES, get_strategy
+from influence.strategies import DEFAULT_STRATEGY, get_strategy
 
-__all__ = ["DEFAULT_DAMPING", "STRATEGIES", "FactorArguments", "ScoreArguments", "to_dict"]
+__all__ = ["DEFAULT_DAMPING", "FactorArguments", "ScoreArguments", "to_dict"]
 
 # ScoreArguments' damping when none is given: small enough to leave the curvature as fitted.
 DEFAULT_DAMPING = 1e-8
