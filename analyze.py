@@ -24,9 +24,8 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-
 from example.checkpoints import checkpoint_path, load_model, train_command
-from example.flags import add_checkpoint_flags, add_data_flags, add_influence_flags
+from example.flags import POSITIVE_INT, add_checkpoint_flags, add_data_flags, add_influence_flags
 from example.results import (
     check_shape,
     data_fingerprint,
@@ -45,18 +44,20 @@ def parse_args(argv=None):
     add_checkpoint_flags(parser)
     parser.add_argument(
         "--query_batch_size",
-        type=int,
+        type=POSITIVE_INT,
         default=1000,
         help="queries preconditioned and held at once; each needs one pass over the training set (default 1000)",
     )
-    parser.add_argument("--num_queries", type=int, default=2000, help="score the first Q test images (default 2000)")
+    parser.add_argument(
+        "--num_queries", type=POSITIVE_INT, default=2000, help="score the first Q test images (default 2000)"
+    )
     add_influence_flags(parser)
     return parser.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    device = start_influence_run(args, "query_batch_size", "num_queries")
+    device = start_influence_run(args)
     checkpoint = checkpoint_path(args.checkpoint_dir)
     model = load_model(checkpoint, device, train_command(args))
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)

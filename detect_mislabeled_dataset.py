@@ -30,7 +30,6 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-
 import sys
 from pathlib import Path
 
@@ -42,7 +41,14 @@ from scipy.stats import rankdata
 from example.checkpoints import checkpoint_path, load_model, train_command
 from example.errors import PipelineError
 from example.figures import save_figure, subplots
-from example.flags import add_checkpoint_flags, add_data_flags, add_influence_flags, add_label_flags, figure_file
+from example.flags import (
+    POSITIVE_INT,
+    add_checkpoint_flags,
+    add_data_flags,
+    add_influence_flags,
+    add_label_flags,
+    figure_file,
+)
 from example.results import (
     check_shape,
     file_fingerprint,
@@ -78,7 +84,7 @@ def parse_args(argv=None):
         default=None,
         help="where to draw the top-ranked images (default: the --figure name with _top)",
     )
-    parser.add_argument("--top_k", type=int, default=16, help="top-ranked images to draw (default 16)")
+    parser.add_argument("--top_k", type=POSITIVE_INT, default=16, help="top-ranked images to draw (default 16)")
     add_influence_flags(parser)
     return parser.parse_args(argv)
 
@@ -212,7 +218,7 @@ def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: 
 
 def main() -> None:
     args = parse_args()
-    device = start_influence_run(args, "top_k")
+    device = start_influence_run(args)
     noisy = args.noisy_labels is not None
     corrupt = None if noisy else args.corrupt_percentage
     checkpoint = checkpoint_path(args.checkpoint_dir, corrupt, args.noisy_labels_key if noisy else None)

@@ -49,6 +49,7 @@ from example.checkpoints import load_model, save_model
 from example.errors import PipelineError
 from example.figures import save_figure, subplots
 from example.flags import (
+    POSITIVE_INT,
     add_damping_flag,
     add_data_flags,
     add_fisher_flags,
@@ -92,12 +93,18 @@ def parse_args(argv=None):
     add_data_flags(parser)
     parser.add_argument("--output_dir", default="./lds_results", help="where every file goes (default ./lds_results)")
     sizes = parser.add_argument_group("retrainings")
-    sizes.add_argument("--num_train", type=int, default=None, help="N: the first N training images (default all)")
-    sizes.add_argument("--num_queries", type=int, default=2000, help="Q: the first Q test images (default 2000)")
+    sizes.add_argument(
+        "--num_train", type=POSITIVE_INT, default=None, help="N: the first N training images (default all)"
+    )
+    sizes.add_argument(
+        "--num_queries", type=POSITIVE_INT, default=2000, help="Q: the first Q test images (default 2000)"
+    )
     sizes.add_argument("--alpha", type=float, default=0.5, help="each subset holds round(alpha * N) (default 0.5)")
-    sizes.add_argument("--num_subsets", type=int, default=100, help="M random subsets (default 100)")
-    sizes.add_argument("--seeds_per_subset", type=int, default=2, help="K models per subset (default 2)")
-    sizes.add_argument("--eval_batch_size", type=int, default=1024, help="queries per forward pass for margins")
+    sizes.add_argument("--num_subsets", type=POSITIVE_INT, default=100, help="M random subsets (default 100)")
+    sizes.add_argument("--seeds_per_subset", type=POSITIVE_INT, default=2, help="K models per subset (default 2)")
+    sizes.add_argument(
+        "--eval_batch_size", type=POSITIVE_INT, default=1024, help="queries per forward pass for margins"
+    )
     add_recipe_flags(
         parser,
         seeds="the full model's initial weights, batch order and augmentation, the subsets, retraining (j, k)'s "
@@ -109,17 +116,16 @@ def parse_args(argv=None):
     add_damping_flag(scores, several=True)
     add_fisher_flags(scores)
     scores.add_argument(
-        "--query_batch_size", type=int, default=1000, help="queries per pass over the training data (default 1000)"
+        "--query_batch_size",
+        type=POSITIVE_INT,
+        default=1000,
+        help="queries per pass over the training data (default 1000)",
     )
     add_influence_batch_flag(scores)
     parser.add_argument("--figure", default=None, help="the figure (default: <output_dir>/lds.png)")
     parser.add_argument("--profile", action="store_true", help="print the engine's timing table")
     add_process_flags(parser)
     args = parser.parse_args(argv)
-    for name in ("num_train", "num_queries", "num_subsets", "seeds_per_subset", "eval_batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be positive, got {value}")
     if args.num_subsets < 3:
         parser.error(f"--num_subsets must be at least 3 for a rank correlation, got {args.num_subsets}")
     if not 0 < args.alpha < 1:

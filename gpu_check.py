@@ -22,7 +22,6 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from example.errors import PipelineError
+from example.flags import POSITIVE_INT
 from example.run import ArgumentParser, run_cli
 from influence import load_tensors
 from pipeline import load_cifar10_arrays
@@ -44,7 +44,9 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
     parser.add_argument("--log_dir", default=f"./walkthrough/{CHECK}/logs", help="where the logs go")
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs to use under torchrun (default: all visible)")
+    parser.add_argument(
+        "--gpus", type=POSITIVE_INT, default=None, help="GPUs to use under torchrun (default: all visible)"
+    )
     parser.add_argument("--skip_tests", action="store_true", help="leave out the test suite (it ran already)")
     parser.add_argument("--step_timeout", type=float, default=600.0, help="seconds a step may take (default 600)")
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from example.errors import PipelineError
 from example.hardware import bf16_hardware_note
 from influence import DEFAULT_DAMPING, DEFAULT_SAVE_INTERVAL, DEFAULT_STRATEGY, STRATEGIES, FactorArguments
 
@@ -268,10 +267,3 @@ def parse_damping(text: str) -> float | None:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"damping must be a finite number >= 0 or 'heuristic', got {text}")
     return value
-
-
-def check_sizes(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise PipelineError(f"--{name} must be a positive number, got {value}")

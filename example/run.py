@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from example.devices import get_device
 from example.errors import PipelineError
-from example.flags import check_sizes, influence_batch_size
+from example.flags import influence_batch_size
 from example.hardware import emulated_bf16_note, keep_freed_memory
 from influence import (
     InfluenceError,
@@ -173,10 +173,9 @@ def end_processes(success: bool) -> bool:
     return True
 
 
-def start_influence_run(args: argparse.Namespace, *sizes: str) -> torch.device:
-    """What analyze.py and detect_mislabeled_dataset.py do first: check the `sizes` flags, keep freed memory, join
-    the other processes; returns the device, with --influence_batch_size set for it."""
-    check_sizes(args, *sizes)
+def start_influence_run(args: argparse.Namespace) -> torch.device:
+    """What analyze.py and detect_mislabeled_dataset.py do first: keep freed memory, join the other processes;
+    returns the device, with --influence_batch_size set for it."""
     keep_freed_memory()
     device = start_processes(args.dist_timeout)
     args.influence_batch_size = influence_batch_size(args, device)
