@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from example.errors import PipelineError
-from example.flags import POSITIVE_INT
+from example.flags import POSITIVE_INT, add_data_flags
 from example.run import ArgumentParser, run_cli
 from influence import load_tensors
 from pipeline import load_cifar10_arrays
@@ -42,7 +42,7 @@ CHECK = "gpu_check"
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
+    add_data_flags(parser)
     parser.add_argument("--log_dir", default=f"./walkthrough/{CHECK}/logs", help="where the logs go")
     parser.add_argument(
         "--gpus", type=POSITIVE_INT, default=None, help="GPUs to use under torchrun (default: all visible)"

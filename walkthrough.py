@@ -39,7 +39,6 @@ import signal
 # Ctrl-C while torch loads (a few seconds) ends the script quietly; run_cli handles it from then on.
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
-
 import argparse
 import os
 import subprocess
@@ -50,7 +49,7 @@ from pathlib import Path
 import torch
 
 from example.errors import PipelineError
-from example.flags import folder
+from example.flags import add_data_flags, folder
 from example.run import ArgumentParser, run_cli
 from influence import STRATEGIES
 
@@ -108,7 +107,7 @@ def parse_args(argv=None):
         choices=SCALES,
         help="demo (minutes), cpu (the README's walk-through), full (the original job on a CPU) or gpu",
     )
-    parser.add_argument("--dataset_dir", default="./data", help="holds cifar-10-batches-py/ (default ./data)")
+    add_data_flags(parser)
     parser.add_argument(
         "--noisy_labels",
         default=None,
