@@ -183,7 +183,7 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
         "--overwrite_output_dir", action="store_true", help="recompute factors and scores even if saved ones exist"
     )
     add_damping_flag(parser)
-    add_fisher_flags(parser)
+    add_fisher_flags(parser, original_name=True)
     add_save_interval_flag(parser, "a pass's partial results, from which a killed run resumes")
     add_process_flags(parser)
 
@@ -231,19 +231,24 @@ def add_damping_flag(parser: argparse.ArgumentParser, several: bool = False) -> 
     )
 
 
-def add_fisher_flags(parser: argparse.ArgumentParser) -> None:
-    """Which Fisher the factors are fitted with: --use_empirical_fisher, --fisher_seed."""
+def add_fisher_flags(parser: argparse.ArgumentParser, original_name: bool = False) -> None:
+    """Which Fisher the factors are fitted with: --use_empirical_fisher, --fisher_seed; with `original_name` also
+    --seed, its name in kronfluence's example (analyze.py, detect_mislabeled_dataset.py). Not in the scripts that
+    train, where --seed seeds the training."""
     parser.add_argument(
         "--use_empirical_fisher",
         action="store_true",
         help="fit factors with the dataset labels instead of labels sampled from the model",
     )
+    names = ["--fisher_seed", "--seed"] if original_name else ["--fisher_seed"]
+    alias = "; --seed is its name in the original kronfluence example" if original_name else ""
     parser.add_argument(
-        "--fisher_seed",
+        *names,
+        dest="fisher_seed",
         type=seed,
         default=FactorArguments.seed,
         help="seed of the labels sampled from the model for the true Fisher (ignored with --use_empirical_fisher; "
-        f"default {FactorArguments.seed})",
+        f"default {FactorArguments.seed}){alias}",
     )
 
 

@@ -26,7 +26,7 @@ BAD_FLAGS = [
     ("analyze.py", ["--save_interval", "-1"], "--save_interval: expected a finite number >= 0"),
     ("analyze.py", ["--dist_timeout", "nan"], "--dist_timeout: expected a finite number > 0"),
     ("analyze.py", ["--fisher_seed", str(2**70)], "a seed must be below 2**63"),
-    ("analyze.py", ["--seed", "0"], "unrecognized arguments: --seed"),
+    ("analyze.py", ["--seed", str(2**70)], "a seed must be below 2**63"),
     ("analyze.py", ["--train_batch_size", "0"], "--influence_batch_size/--train_batch_size: expected an integer > 0"),
     ("analyze.py", ["--num_train", "0"], "--num_train: expected an integer > 0"),
     ("train.py", ["--learning_rate", "nan"], "--learning_rate: expected a finite number >= 0"),

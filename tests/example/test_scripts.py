@@ -315,6 +315,8 @@ def test_the_influence_batch_has_one_name_and_the_original_examples_alias():
     for script in (analyze, detect_mislabeled_dataset):  # kronfluence's example calls it --train_batch_size
         assert script.parse_args(["--train_batch_size", "32"]).influence_batch_size == 32
         assert script.parse_args(["--influence_batch_size", "32"]).influence_batch_size == 32
+        assert script.parse_args(["--seed", "7"]).fisher_seed == 7  # the original's name of the Fisher's seed
+        assert script.parse_args(["--fisher_seed", "7"]).fisher_seed == 7
     assert bench.parse_args(["--influence_batch_size", "32"]).influence_batch_size == 32
     lds = evaluate_lds.parse_args(["--influence_batch_size", "32", "--train_batch_size", "16"])
     assert (lds.influence_batch_size, lds.train_batch_size) == (32, 16)  # the SGD batch of the retrainings
