@@ -59,15 +59,14 @@ from example.flags import (
     influence_batch_size,
 )
 from example.hardware import keep_freed_memory
-from example.results import check_shape, data_fingerprint, made_from
-from example.run import ArgumentParser, in_flags, is_main, run_cli, start_processes
-from example.task import ClassificationTask, label_margins
+from example.results import check_shape, data_fingerprint, made_from, make_analyzer
+from example.run import ArgumentParser, is_main, run_cli, start_processes
 from example.task import evaluate as evaluate_model
+from example.task import label_margins
 from example.training import add_recipe_flags, recipe_of, train_model
 from influence import (
     DEFAULT_DAMPING,
     IDENTITY,
-    Analyzer,
     FactorArguments,
     Group,
     ScoreArguments,
@@ -267,15 +266,7 @@ def damping_name(damping: float | None) -> str:
 def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, device) -> dict:
     """{(strategy, damping name): scores [Q, N]} of the full model, through the engine (saved and reused)."""
     model = load_model(unit_path(out, None), device)
-    analyzer = Analyzer(
-        "lds",
-        model,
-        ClassificationTask(),
-        output_dir=str(out / "influence_results"),
-        profile=args.profile,
-        save_interval=args.save_interval,
-        log=lambda message: tqdm.write(in_flags(message)),  # the engine names its arguments; users type flags
-    )
+    analyzer = make_analyzer("lds", model, args, output_dir=out / "influence_results")
     train_batches = TensorBatches(train_eval, influence_batch_size(args, device))
     query_batches = TensorBatches(queries, min(args.query_batch_size, len(queries)))
     # Saved factors and scores are reused only for this model and data (the engine checks these facts).

@@ -74,13 +74,16 @@ def check_shape(
         )
 
 
-def make_analyzer(analysis_name: str, model: torch.nn.Module, args: argparse.Namespace) -> Analyzer:
-    """The engine on the scripts' task, with the flags of add_influence_flags."""
+def make_analyzer(
+    analysis_name: str, model: torch.nn.Module, args: argparse.Namespace, output_dir: str | Path | None = None
+) -> Analyzer:
+    """The engine on the scripts' task, with their flags (--profile, --save_interval; results under `output_dir`,
+    default --output_dir), saying its lines in flags."""
     return Analyzer(
         analysis_name,
         model,
         ClassificationTask(),
-        output_dir=args.output_dir,
+        output_dir=args.output_dir if output_dir is None else output_dir,
         profile=args.profile,
         save_interval=args.save_interval,
         log=lambda message: tqdm.write(in_flags(message)),  # the engine names its arguments; users type flags
