@@ -31,11 +31,8 @@ import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import argparse
-import contextlib
 import resource
 import tempfile
-import time
-from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -55,6 +52,7 @@ from example.hardware import (
     cpu_bf16_units,
     cpu_info_lines,
     keep_freed_memory,
+    matmul_rate,
 )
 from example.run import ArgumentParser, is_main, run_cli, say_if_bf16_is_emulated, start_processes
 from example.task import ClassificationTask
@@ -158,46 +156,6 @@ def precisions(device: torch.device, half: bool) -> list[flops.Precision]:
     if {flops.precision(torch.float32, device, conv) for conv in (False, True)} != {torch.float32}:
         found.append(flops.TF32)
     return found + ([torch.bfloat16] if half else [])
-
-
-@contextlib.contextmanager
-def tf32_matmuls(allowed: bool) -> Iterator[None]:
-    before = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def timed(device: torch.device, run: Callable[[], object]) -> float:
-    """Seconds `run()` takes on the device: CUDA events on a GPU (the host's clock would add its own waits)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    synchronize(device)
-    begin = time.perf_counter()
-    run()
-    return time.perf_counter() - begin
-
-
-def matmul_rate(device: torch.device, precision: flops.Precision, size: int) -> float:
-    """Best FLOP/s of a square matrix product in `precision` on this device (TF32: fp32 operands, TF32 allowed)."""
-    dtype = torch.float32 if precision == flops.TF32 else precision
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    repeats = 10 if device.type == "cuda" else 1  # back to back, so that a launch does not count as a product
-    best = float("inf")
-    with tf32_matmuls(precision == flops.TF32):
-        if device.type == "cuda":
-            a @ b  # the first call picks the kernel
-        for _ in range(5):
-            best = min(best, timed(device, lambda: [a @ b for _ in range(repeats)]) / repeats)
-    return 2 * size**3 / best
 
 
 def measure_rates(device: torch.device, kinds: list[flops.Precision], size: int) -> dict[flops.Precision, float]:

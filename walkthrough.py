@@ -50,6 +50,7 @@ import torch
 
 from example.errors import PipelineError
 from example.flags import add_data_flags, folder
+from example.hardware import cpu_bf16_units, matmul_rate
 from example.run import ArgumentParser, run_cli
 from influence import STRATEGIES
 
@@ -80,7 +81,7 @@ SCALES = {
         + ["--train_batch_size", "32", "--num_train_epochs", "20"],
     },
     "full": {
-        "train": ["--use_half_precision", "--use_channels_last"],
+        "train": ["--use_channels_last"],  # and --use_half_precision where bf16 pays: training_precision()
         "influence": [],
         # 250 preconditioned query gradients of ResNet-9 hold 6.6 GB in fp32: what a 24 GiB machine can keep
         "queries": ["--query_batch_size", "250"],
@@ -96,6 +97,11 @@ SCALES = {
         "lds": ["--num_subsets", "100", "--seeds_per_subset", "2", "--num_queries", "2000", "--use_channels_last"],
     },
 }
+# The full job on a CPU takes several days' sessions: the headline result (detection on the corrupted labels) first.
+FULL_ORDER = ["train_corrupt", "detect_ekfac", "detect_identity", "detect_diagonal", "detect_kfac", "train_clean"]
+FULL_ORDER += ["analyze_ekfac", "analyze_ekfac_bf16", "half_precision", "top_influential"]
+FULL_ORDER += ["train_noisy", "detect_noisy_ekfac"]
+BF16_PAYS = 1.2  # bf16 training at the full scale where bf16 products run this many times the fp32 rate
 CIFAR10N_HINT = "download CIFAR-10_human.pt from https://github.com/UCSC-REAL/cifar-10-100n (folder data/)"
 
 
@@ -119,6 +125,14 @@ def parse_args(argv=None):
         default=None,
         help="where checkpoints/, influence_results/, figures/ and logs/ go (default ./walkthrough/<scale>)",
     )
+    parser.add_argument(
+        "--train_precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="full scale: the precision the three models train in (default auto: bf16 if this CPU's bf16 matrix "
+        f"products run at least {BF16_PAYS:g} times its fp32 rate, else fp32 as the original; measured at the first "
+        "run and kept in <out_dir>/logs/train_precision.txt, so that a resumed run trains as it began)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
     parser.add_argument(
         "--skip",
@@ -141,6 +155,31 @@ def check_inputs(args) -> None:
         raise PipelineError("--scale gpu needs a GPU and torch sees none: run --scale cpu or --scale demo here")
 
 
+def training_precision(args, log_dir: Path) -> bool:
+    """Whether the full scale trains in bf16: the choice kept from the run's start, else --train_precision, where
+    auto measures this CPU's matrix-product rates (bf16 units do not always make bf16 faster: on a 2-core Xeon with
+    AVX-512 BF16 and no AMX, bf16 products run at under half the fp32 rate). Kept unless --dry_run."""
+    if args.scale != "full":
+        return False
+    kept = log_dir / "train_precision.txt"
+    if kept.is_file() and not args.force:
+        return kept.read_text().split()[0] == "bf16"
+    choice, why = args.train_precision, "given by --train_precision"
+    if choice == "auto" and cpu_bf16_units() is None:
+        choice, why = "fp32", "this CPU has no bf16 units"
+    elif choice == "auto":
+        cpu = torch.device("cpu")
+        fp32, bf16 = (matmul_rate(cpu, dtype, 1024) / 1e9 for dtype in (torch.float32, torch.bfloat16))
+        choice = "bf16" if bf16 >= BF16_PAYS * fp32 else "fp32"
+        why = f"matrix products at {bf16:.0f} GFLOP/s in bf16 and {fp32:.0f} in fp32 on this CPU"
+    line = f"{choice} ({why})"
+    print(f"training precision: {line}", file=sys.stderr, flush=True)
+    if not args.dry_run:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        kept.write_text(line + "\n")
+    return choice == "bf16"
+
+
 def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, command, extra environment) of every step, in order."""
     scale = SCALES[args.scale]
@@ -158,9 +197,10 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
     detect = [*py, "detect_mislabeled_dataset.py", *data, *results, *scale["influence"], "--profile"]
     analyze = [*py, "analyze.py", *data, *results, *scale["influence"], "--factor_strategy", "ekfac", "--profile"]
 
+    train = [*py, "train.py", *data, *scale["train"], *(["--use_half_precision"] if args.train_in_bf16 else [])]
     found = [
-        ("train_clean", [*py, "train.py", *data, *scale["train"]], {}),
-        ("train_corrupt", [*py, "train.py", *data, *scale["train"], "--corrupt_percentage", "0.1"], {}),
+        ("train_clean", train, {}),
+        ("train_corrupt", [*train, "--corrupt_percentage", "0.1"], {}),
     ]
     if args.scale == "demo":
         return found + [
@@ -169,7 +209,7 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
             ("detect_ekfac", [*detect, "--figure", f"{figures}/mislabel.png", "--factor_strategy", "ekfac"], {}),
         ]
     if noisy:
-        found.append(("train_noisy", [*py, "train.py", *data, *scale["train"], *noisy], {}))
+        found.append(("train_noisy", [*train, *noisy], {}))
     found.append(("analyze_ekfac", [*analyze, *scale["queries"]], {}))
     half_figure = ["--figure", f"{figures}/half_precision.png"]
     if args.scale == "full":  # the same job in bf16, its fp32 scores from analyze_ekfac
@@ -193,7 +233,7 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
         figure = ["--figure", f"{figures}/mislabel_noisy_aggre_label.png"]
         found.append(("detect_noisy_ekfac", [*detect, *noisy, *figure, "--factor_strategy", "ekfac"], {}))
     if args.scale == "full":  # the benchmark and the LDS at this size are GPU work
-        return found
+        return sorted(found, key=lambda step: FULL_ORDER.index(step[0]))
     bench = [*py, "bench.py", *dataset, *scale["bench"]]
     found.append(("bench_fp32", [*bench, "--save_interval", "15"], {}))
     found.append(("bench_bf16", [*py, "bench.py", *dataset, *scale["bench_bf16"], "--use_half_precision"], {}))
@@ -308,6 +348,7 @@ def main() -> None:
     args = parse_args()
     check_inputs(args)
     log_dir = args.out_dir / "logs"
+    args.train_in_bf16 = training_precision(args, log_dir)
     plan = steps(args)
     unknown = sorted(set(args.skip) - {name for name, _, _ in plan})
     if unknown:

@@ -1,11 +1,16 @@
-"""What this machine offers: bf16 units on the CPU, and glibc's handling of freed memory."""
+"""What this machine offers: bf16 units on the CPU, its matrix-product rates, and glibc's handling of freed memory."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from influence import flops, synchronize
 
 # ---- bf16 on the CPU ----
 
@@ -55,6 +60,49 @@ def emulated_bf16_note(device: torch.device, half: bool, units: str | None = "un
     if not half or device.type != "cpu" or units is not None:
         return None
     return "note: this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 is emulated and slower than fp32 here"
+
+
+# ---- Product rates ----
+
+
+@contextlib.contextmanager
+def tf32_matmuls(allowed: bool) -> Iterator[None]:
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def timed(device: torch.device, run: Callable[[], object]) -> float:
+    """Seconds `run()` takes on the device: CUDA events on a GPU (the host's clock would add its own waits)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    synchronize(device)
+    begin = time.perf_counter()
+    run()
+    return time.perf_counter() - begin
+
+
+def matmul_rate(device: torch.device, precision: flops.Precision, size: int) -> float:
+    """Best FLOP/s of a square matrix product in `precision` on this device (TF32: fp32 operands, TF32 allowed)."""
+    dtype = torch.float32 if precision == flops.TF32 else precision
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    repeats = 10 if device.type == "cuda" else 1  # back to back, so that a launch does not count as a product
+    best = float("inf")
+    with tf32_matmuls(precision == flops.TF32):
+        if device.type == "cuda":
+            a @ b  # the first call picks the kernel
+        for _ in range(5):
+            best = min(best, timed(device, lambda: [a @ b for _ in range(repeats)]) / repeats)
+    return 2 * size**3 / best
 
 
 # ---- Memory ----

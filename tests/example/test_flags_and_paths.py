@@ -251,3 +251,23 @@ def test_every_script_sets_ctrl_c_before_anything_that_loads_torch():
                 assert ast.unparse(node) in ("import signal", "from __future__ import annotations"), (path.name, node)
         else:
             raise AssertionError(f"{path.name} never sets SIGINT's default action")
+
+
+def test_the_full_scale_keeps_the_training_precision_it_began_with(tmp_path):
+    import walkthrough
+
+    def plan(*flags):
+        args = walkthrough.parse_args(["--scale", "full", "--out_dir", str(tmp_path), *flags])
+        args.train_in_bf16 = walkthrough.training_precision(args, tmp_path / "logs")
+        return {name: command for name, command, _ in walkthrough.steps(args)}
+
+    assert "--use_half_precision" in plan("--train_precision", "bf16", "--dry_run")["train_clean"]
+    assert not (tmp_path / "logs" / "train_precision.txt").exists()  # a dry run decides nothing
+    steps = plan("--train_precision", "bf16")
+    assert (tmp_path / "logs" / "train_precision.txt").read_text().startswith("bf16 (given by --train_precision)")
+    assert all("--use_half_precision" in steps[name] for name in ("train_clean", "train_corrupt"))
+    assert list(steps)[:2] == ["train_corrupt", "detect_ekfac"]  # the headline result first
+    # A resumed run trains as it began, whatever --train_precision now says; --force decides again.
+    assert "--use_half_precision" in plan("--train_precision", "fp32")["train_corrupt"]
+    assert "--use_half_precision" not in plan("--train_precision", "fp32", "--force")["train_corrupt"]
+    assert (tmp_path / "logs" / "train_precision.txt").read_text().startswith("fp32")
