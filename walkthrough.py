@@ -20,10 +20,11 @@ Scales:
         detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on CPUs
         without bf16 units), the benchmark, the same jobs split over 2 processes, and the LDS of every strategy
         against 60 retrainings (about 70 minutes more).
-  full: the original example's full job on a CPU (hours to days on 2 cores: docs/full_size.md): the clean,
-        10%-corrupted and CIFAR-10N models trained with the original recipe (in bf16 and channels-last, the
-        fastest on CPUs with bf16 units), EK-FAC pairwise scores of 2,000 queries x 50,000 in fp32 and bf16 and
-        their agreement, the most influential images, and mislabel detection with every strategy.
+  full: the original example's full job on a CPU (about a day on 2 cores: docs/full_size.md): the 10%-corrupted
+        model trained with the original recipe and its detection with every strategy first, then the clean model,
+        EK-FAC pairwise scores of 2,000 queries x 50,000 in fp32 and bf16 and their agreement, the most
+        influential images, and the CIFAR-10N model and its detection. The models train with channels-last, in
+        bf16 where this CPU's bf16 products are faster than fp32 (see --train_precision), else in fp32.
   gpu:  the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32
         and bf16, self-influence of all 50,000, every strategy, the full-size benchmark, and the LDS against 200
         retrainings on halves of the 50,000 (hours: docs/lds.md).
