@@ -168,6 +168,6 @@ def test_the_docs_python_imports_resolve():
     """Every import in the docs' Python blocks names a module and names that exist (a moved module fails here)."""
     for doc in DOCS:
         for block in re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S):
-            for line in block.splitlines():
+            for line in (line.strip() for line in block.splitlines()):  # blocks inside list items are indented
                 if line.startswith(("from ", "import ")):
                     exec(line, {})  # noqa: S102 - the docs' own import lines, nothing else
