@@ -47,13 +47,7 @@ from example.flags import (
     add_strategy_flag,
     influence_batch_size,
 )
-from example.hardware import (
-    bf16_hardware_note,
-    cpu_bf16_units,
-    cpu_info_lines,
-    keep_freed_memory,
-    matmul_rate,
-)
+from example.hardware import bf16_hardware_note, device_description, keep_freed_memory, matmul_rate
 from example.run import ArgumentParser, is_main, run_cli, say_if_bf16_is_emulated, start_processes
 from example.task import ClassificationTask
 from influence import (
@@ -206,18 +200,6 @@ def random_data(n: int, device: torch.device, seed: int) -> CifarData:
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=generator, dtype=torch.uint8)
     labels = torch.randint(0, 10, (n,), generator=generator)
     return CifarData(images.to(device), labels.to(device), labels.to(device), "random")
-
-
-def device_description(device: torch.device) -> str:
-    """The device's name, with the CPU's bf16 units (which decide whether --use_half_precision pays)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = next(
-        (line.split(":", 1)[1].strip() for line in cpu_info_lines() if line.startswith("model name")), "unknown CPU"
-    )
-    units = cpu_bf16_units()
-    threads = torch.get_num_threads()
-    return f"{name}, {threads} threads, " + (f"{units} bf16 units" if units else "no bf16 units (bf16 is emulated)")
 
 
 def main() -> None:

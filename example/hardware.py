@@ -1,4 +1,5 @@
-"""What this machine offers: bf16 units on the CPU, its matrix-product rates, and glibc's handling of freed memory."""
+"""What this machine offers: bf16 units on the CPU, its name for the scripts' Device line, its matrix-product rates,
+and glibc's handling of freed memory."""
 
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def cpu_info_lines() -> list[str]:
 def _cpu_flags() -> str | None:
     found = [line.split(":", 1)[1] for line in cpu_info_lines() if line.split(":")[0].strip() in ("flags", "Features")]
     return found[0] if found else None
+
+
+def device_description(device: torch.device) -> str:
+    """The device's name; on the CPU its model, torch's threads and its bf16 units (which decide whether bf16 pays):
+    the Device line of bench.py."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = next(
+        (line.split(":", 1)[1].strip() for line in cpu_info_lines() if line.startswith("model name")), "unknown CPU"
+    )
+    units = cpu_bf16_units()
+    threads = torch.get_num_threads()
+    return f"{name}, {threads} threads, " + (f"{units} bf16 units" if units else "no bf16 units (bf16 is emulated)")
 
 
 def bf16_hardware_note() -> str:
