@@ -49,7 +49,7 @@ def _cpu_flags() -> str | None:
 
 def device_description(device: torch.device) -> str:
     """The device's name; on the CPU its model, torch's threads and its bf16 units (which decide whether bf16 pays):
-    the Device line of bench.py."""
+    the Device line of bench.py and compare_kronfluence.py."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = next(
