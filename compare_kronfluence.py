@@ -60,7 +60,7 @@ from example.hardware import device_description, keep_freed_memory
 from example.lds import spearman
 from example.run import ArgumentParser, run_cli, say_if_bf16_is_emulated
 from example.task import ClassificationTask
-from influence import STRATEGY_LABELS, Analyzer, FactorArguments, ScoreArguments, load_tensors, save_tensors
+from influence import STRATEGY_LABELS, Analyzer, FactorArguments, ScoreArguments, batch_seed, load_tensors, save_tensors
 from pipeline import CifarData, TensorBatches, construct_resnet9, get_cifar10, normalize
 
 KRONFLUENCE_VERSION = "1.0.1"
@@ -126,13 +126,6 @@ def load_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, CifarData, C
     return model, train, queries
 
 
-def fisher_batch_seed(seed: int, offset: int, count: int) -> int:
-    """The seed this project's engine draws the true Fisher's labels of a batch with (the batch of `count` examples
-    from example `offset`): its batch_seed, copied here because the engine does not export it
-    (tests/example/test_compare_kronfluence.py holds the two equal), so that kronfluence's side draws the same."""
-    return (seed * 0x9E3779B1 + offset * 0x85EBCA77 + count * 0xC2B2AE3D) % (2**63 - 1)
-
-
 def run_project(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
     """This project's side, as analyze.py and detect_mislabeled_dataset.py run it."""
     keep_freed_memory()
@@ -168,7 +161,7 @@ def kronfluence_task(seed: int):
             if not sample:
                 return task.compute_train_loss((images, labels), model)
             with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed(fisher_batch_seed(seed, int(index[0]), len(index)))
+                torch.random.default_generator.manual_seed(batch_seed(seed, int(index[0]), len(index)))
                 return task.compute_train_loss((images, labels), model, sample=True)
 
         def compute_measurement(self, batch, model):

@@ -5,7 +5,7 @@ the submodules flops, interrupt and distributed are importable as modules too. d
 """
 
 from influence import distributed, flops, interrupt
-from influence.analyzer import DEFAULT_SAVE_INTERVAL, Analyzer
+from influence.analyzer import DEFAULT_SAVE_INTERVAL, Analyzer, batch_seed
 from influence.arguments import DEFAULT_DAMPING, FactorArguments, ScoreArguments
 from influence.distributed import (
     Group,
@@ -61,6 +61,7 @@ __all__ = [
     "DEFAULT_SAVE_INTERVAL",
     "Task",
     "InfluenceError",
+    "batch_seed",
     # strategies
     "STRATEGIES",
     "DEFAULT_STRATEGY",
