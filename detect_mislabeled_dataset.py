@@ -31,6 +31,7 @@ import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,10 @@ def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Pa
     xs = [0.0, *INSPECTED, 1.0]
     baselines = [label for label in ("training loss", "random") if label in curves]
     ranked = [label for label in curves if label not in baselines] or baselines[:1]
-    fig, axes = subplots(1, len(ranked), figsize=(3.3 * len(ranked) + 0.6, 3.6), squeeze=False, sharey=True)
+    width = 3.3 * len(ranked) + 0.6
+    title_lines = textwrap.wrap(title, int(11 * width))  # a one-panel figure is narrower than its title
+    height = 3.6 + 0.17 * (len(title_lines) - 1)
+    fig, axes = subplots(1, len(ranked), figsize=(width, height), squeeze=False, sharey=True)
     for ax, label in zip(axes[0], ranked, strict=True):
         for other in baselines:
             if other != label:
@@ -187,7 +191,7 @@ def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Pa
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)
     axes[0][0].set_ylabel("fraction of wrong labels found")
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(title_lines), fontsize=10)
     save_figure(fig, path)
 
 
@@ -209,7 +213,7 @@ def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: 
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(2)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(textwrap.wrap(title, int(16 * 1.45 * columns))), fontsize=9)
     save_figure(fig, path)
 
 
@@ -302,7 +306,8 @@ def main() -> None:
         train.labels.cpu()[order].tolist(),
         train.clean_labels.cpu()[order].tolist(),
         top_figure,
-        f"Highest self-influence ({name}): given label, official label (red: they differ)",
+        f"ResNet-9 on {len(train):,} CIFAR-10 training images, {given}: the {len(order)} highest "
+        f"{display_name(name, prefix)} self-influences, with the label given and the official one (red: they differ)",
     )
     print(f"Figures: {figure}, {top_figure}")
     if args.profile:

@@ -137,6 +137,16 @@ def test_walkthrough_runs_the_steps_the_docs_list(tmp_path):
         assert figure in demo and figure in readme
 
 
+def test_the_full_size_page_lists_the_full_scale_steps_in_order(tmp_path):
+    labels = tmp_path / "CIFAR-10_human.pt"
+    labels.write_bytes(b"")
+    plan = run("walkthrough.py", "--scale", "full", "--noisy_labels", str(labels), "--dry_run").stdout
+    steps = [line.split(":")[0] for line in plan.splitlines()]
+    page = (REPO_ROOT / "docs" / "full_size.md").read_text()
+    table = page[page.index("| step |") : page.index("\n\n", page.index("| step |"))]
+    assert re.findall(r"`(\w+)`", "".join(row.split(" | ")[0] for row in table.splitlines()[2:])) == steps
+
+
 @pytest.mark.parametrize("scale", ["cpu", "gpu"])
 def test_walkthrough_says_when_cifar10n_steps_are_skipped(scale):
     result = run("walkthrough.py", "--scale", scale, "--dry_run")
