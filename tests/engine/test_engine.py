@@ -271,3 +271,23 @@ def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path):
     for name, full in factors[False]["lambda_matrix"].items():
         assert relative_error(factors[True]["lambda_matrix"][name], full) < 0.05
     assert spearmanr(scores[False].numpy(), scores[True].numpy()).statistic > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_covariance_update_tries_both_cpu_kernels_and_keeps_the_faster(dtype):
+    """Each shape's first update runs BLAS's symmetric update, its second a general product, later ones the faster:
+    every one adds rows^T rows to the lower triangle, as a float64 product says."""
+    from influence.factors import KERNEL_SECONDS, symmetrised, syrk_update
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(37, 11, generator=generator, dtype=torch.float64) for _ in range(4)]
+    key = (37, 11, dtype, torch.get_num_threads())
+    KERNEL_SECONDS.pop(key, None)
+    total, expected = torch.zeros(11, 11, dtype=dtype), torch.zeros(11, 11, dtype=torch.float64)
+    for step, rows in enumerate(batches):
+        syrk_update(total, rows.to(dtype))
+        expected += rows.T @ rows
+        assert len(KERNEL_SECONDS[key]) == min(step + 1, 2)
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(symmetrised(total).double(), expected, rtol=tolerance, atol=tolerance)
+    assert set(KERNEL_SECONDS[key]) == {"syrk", "general"}
