@@ -67,6 +67,7 @@ from example.training import add_recipe_flags, recipe_of, train_model
 from influence import (
     DEFAULT_DAMPING,
     IDENTITY,
+    STRATEGY_LABELS,
     FactorArguments,
     Group,
     ScoreArguments,
@@ -345,8 +346,10 @@ def table(rows: list[dict]) -> str:
 
 
 def labels_of(rows: list[dict]) -> list[str]:
+    """Rows as the figures name them: "EK-FAC, damping 1e-08", "random", "seed agreement"."""
     return [
-        f"{row['scores']}, damping {row['damping']}" if row["damping"] is not None else row["scores"] for row in rows
+        f"{STRATEGY_LABELS[row['scores']]}, damping {row['damping']}" if row["damping"] is not None else row["scores"]
+        for row in rows
     ]
 
 
@@ -385,9 +388,15 @@ def draw(path: str | Path, rows: list[dict], masks, margins, scores: dict) -> No
     predicted = lds.predicted_margins(scores[(best["scores"], best["damping"])], masks)[:, query].numpy()
     measured = margins[:, :, query].double().mean(dim=1).numpy()
     right.scatter(predicted, measured, s=14)
-    right.set_xlabel(f"predicted effect: sum of {best['scores']} scores over the subset")
+    name = STRATEGY_LABELS[best["scores"]]
+    right.set_xlabel(f"predicted effect: sum of {name} scores over the subset")
     right.set_ylabel("measured margin (mean over seeds)")
-    right.set_title(f"test image {query}: LDS {per_query[query]:.2f} (median query of {best['scores']})", fontsize=9)
+    right.set_title(f"test image {query}: LDS {per_query[query]:.2f} (median query of {name})", fontsize=9)
+    fig.suptitle(
+        f"ResNet-9 retrained on halves of {masks.shape[1]:,} CIFAR-10 training images: how well each strategy's "
+        f"scores predict the margins of {margins.shape[2]} test images (LDS)",
+        fontsize=10,
+    )
     save_figure(fig, path)
 
 
