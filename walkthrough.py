@@ -275,13 +275,17 @@ def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, 
     """Run one step: results (stdout) to <name>.log, progress bars (stderr) to <name>.err.
 
     SIGTERM and SIGINT are passed on to the step, whose scripts save their progress and exit; the walk-through
-    waits for it, then stops too, so that no step is left running on its own. Returns (seconds, peak resident
+    waits for it, then stops too, so that no step is left running on its own. A stopped run leaves its
+    time in <name>.spent, which the next run of the same command adds to its own. Returns (seconds, peak resident
     memory of the step's processes in GiB).
     """
     log, err = log_dir / f"{name}.log", log_dir / f"{name}.err"
+    spent = log_dir / f"{name}.spent"  # a stopped run's seconds and peak memory, for a step resumed across sessions
+    before_seconds, before_peak = stopped_before(spent, shown)
     print(f"== {name}: {shown}", flush=True)
     start = time.monotonic()
-    with open(log, "w") as out, open(err, "w") as progress:
+    # A resumed step appends to its log, so that the output of every part of a long step is kept.
+    with open(log, "a" if before_seconds else "w") as out, open(err, "w") as progress:
         out.write(f"$ {shown}\n")
         out.flush()
         process = subprocess.Popen(command, stdout=out, stderr=progress, env={**os.environ, **env})
@@ -299,18 +303,31 @@ def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, 
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    seconds = time.monotonic() - start
+    seconds = before_seconds + time.monotonic() - start
+    peak = max(before_peak, usage.ru_maxrss / 2**20)
     code = os.waitstatus_to_exitcode(status)
     print(log.read_text().split("\n", 1)[1], end="", flush=True)
+    if stopped:  # it saved its progress and resumes: its time so far counts (a failed run starts again)
+        spent.write_text(f"{seconds:.1f} {peak:.2f}\n{shown}\n")
     if stopped:
         raise PipelineError(f"stopped during step {name}, which saved its progress: run the same command again")
     if code != 0:
         print(err.read_text()[-4000:], file=sys.stderr)
         raise PipelineError(f"step {name} failed (exit status {code}); its logs: {log}, {err}")
-    peak = usage.ru_maxrss / 2**20
     (log_dir / f"{name}.done").write_text(f"{seconds:.1f} {peak:.2f}\n{shown}\n")
+    spent.unlink(missing_ok=True)
     print(f"== {name}: {seconds:.0f} s, peak memory {peak:.2f} GiB", flush=True)
     return seconds, peak
+
+
+def stopped_before(spent: Path, shown: str) -> tuple[float, float]:
+    """(seconds, peak GiB) that earlier, stopped runs of this very command spent, else (0, 0)."""
+    lines = spent.read_text().splitlines() if spent.is_file() else []
+    try:
+        seconds, peak = (float(v) for v in lines[0].split())
+    except (IndexError, ValueError):
+        return 0.0, 0.0
+    return (seconds, peak) if lines[1:2] == [shown] else (0.0, 0.0)
 
 
 def finished_before(marker: Path, shown: str) -> tuple[float, float] | None:

@@ -271,3 +271,21 @@ def test_the_full_scale_keeps_the_training_precision_it_began_with(tmp_path):
     assert "--use_half_precision" in plan("--train_precision", "fp32")["train_corrupt"]
     assert "--use_half_precision" not in plan("--train_precision", "fp32", "--force")["train_corrupt"]
     assert (tmp_path / "logs" / "train_precision.txt").read_text().startswith("fp32")
+
+
+def test_a_step_resumed_in_a_later_run_keeps_its_earlier_time_and_output(tmp_path):
+    import walkthrough
+
+    command = [sys.executable, "-c", "print('second part')"]
+    shown = walkthrough.shown_command(command, {})
+    (tmp_path / "step.log").write_text(f"$ {shown}\nfirst part\n")
+    (tmp_path / "step.spent").write_text(f"100.0 3.50\n{shown}\n")  # what a stopped run left
+    seconds, peak = walkthrough.run_step("step", command, {}, tmp_path, shown)
+    assert seconds >= 100.0 and peak == 3.5
+    assert (tmp_path / "step.log").read_text().count(f"$ {shown}") == 2  # both parts' output, one after the other
+    assert "first part" in (tmp_path / "step.log").read_text() and "second part" in (tmp_path / "step.log").read_text()
+    assert not (tmp_path / "step.spent").exists()
+    assert walkthrough.finished_before(tmp_path / "step.done", shown)[0] >= 100.0
+    # A stopped run of another command leaves nothing this one adds.
+    (tmp_path / "other.spent").write_text("50.0 1.00\npython other.py\n")
+    assert walkthrough.stopped_before(tmp_path / "other.spent", shown) == (0.0, 0.0)
