@@ -98,7 +98,7 @@ SCALES = {
         "lds": ["--num_subsets", "100", "--seeds_per_subset", "2", "--num_queries", "2000", "--use_channels_last"],
     },
 }
-# The full job on a CPU takes several days' sessions: the headline result (detection on the corrupted labels) first.
+# The full job on a CPU outlasts a working session: the headline result (detection on the corrupted labels) first.
 FULL_ORDER = ["train_corrupt", "detect_ekfac", "detect_identity", "detect_diagonal", "detect_kfac", "train_clean"]
 FULL_ORDER += ["analyze_ekfac", "analyze_ekfac_bf16", "half_precision", "top_influential"]
 FULL_ORDER += ["train_noisy", "detect_noisy_ekfac"]
@@ -308,40 +308,41 @@ def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, 
     code = os.waitstatus_to_exitcode(status)
     print(log.read_text().split("\n", 1)[1], end="", flush=True)
     if stopped:  # it saved its progress and resumes: its time so far counts (a failed run starts again)
-        spent.write_text(f"{seconds:.1f} {peak:.2f}\n{shown}\n")
+        record(spent, seconds, peak, shown)
     if stopped:
         raise PipelineError(f"stopped during step {name}, which saved its progress: run the same command again")
     if code != 0:
         print(err.read_text()[-4000:], file=sys.stderr)
         raise PipelineError(f"step {name} failed (exit status {code}); its logs: {log}, {err}")
-    (log_dir / f"{name}.done").write_text(f"{seconds:.1f} {peak:.2f}\n{shown}\n")
+    record(log_dir / f"{name}.done", seconds, peak, shown)
     spent.unlink(missing_ok=True)
     print(f"== {name}: {seconds:.0f} s, peak memory {peak:.2f} GiB", flush=True)
     return seconds, peak
 
 
-def stopped_before(spent: Path, shown: str) -> tuple[float, float]:
-    """(seconds, peak GiB) that earlier, stopped runs of this very command spent, else (0, 0)."""
-    lines = spent.read_text().splitlines() if spent.is_file() else []
+def record(path: Path, seconds: float, peak: float, shown: str) -> None:
+    """A step's time and peak memory, with the command they belong to (<name>.done, <name>.spent)."""
+    path.write_text(f"{seconds:.1f} {peak:.2f}\n{shown}\n")
+
+
+def recorded(path: Path, shown: str) -> tuple[float, float] | None:
+    """(seconds, peak GiB) that `record` wrote for this very command, else None."""
+    lines = path.read_text().splitlines() if path.is_file() else []
     try:
         seconds, peak = (float(v) for v in lines[0].split())
     except (IndexError, ValueError):
-        return 0.0, 0.0
-    return (seconds, peak) if lines[1:2] == [shown] else (0.0, 0.0)
+        return None
+    return (seconds, peak) if lines[1:2] == [shown] else None
+
+
+def stopped_before(spent: Path, shown: str) -> tuple[float, float]:
+    """(seconds, peak GiB) that earlier, stopped runs of this very command spent, else (0, 0)."""
+    return recorded(spent, shown) or (0.0, 0.0)
 
 
 def finished_before(marker: Path, shown: str) -> tuple[float, float] | None:
     """(seconds, peak GiB) of a step that finished with this very command, else None (it runs again)."""
-    if not marker.is_file():
-        return None
-    lines = marker.read_text().splitlines()
-    try:
-        seconds, peak = (float(v) for v in lines[0].split())
-    except (IndexError, ValueError):
-        return None
-    if lines[1:2] != [shown] or not marker.with_suffix(".log").is_file():
-        return None
-    return seconds, peak
+    return recorded(marker, shown) if marker.with_suffix(".log").is_file() else None
 
 
 def write_summary(args, done: list[tuple[str, list[str], float, float]], log_dir: Path) -> Path:
