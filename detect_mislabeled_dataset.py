@@ -31,7 +31,6 @@ import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ from scipy.stats import rankdata
 
 from example.checkpoints import checkpoint_path, load_model, train_command
 from example.errors import PipelineError
-from example.figures import save_figure, subplots
+from example.figures import save_figure, subplots, suptitle
 from example.flags import (
     POSITIVE_INT,
     add_checkpoint_flags,
@@ -160,10 +159,7 @@ def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Pa
     xs = [0.0, *INSPECTED, 1.0]
     baselines = [label for label in ("training loss", "random") if label in curves]
     ranked = [label for label in curves if label not in baselines] or baselines[:1]
-    width = 3.3 * len(ranked) + 0.6
-    title_lines = textwrap.wrap(title, int(11 * width))  # a one-panel figure is narrower than its title
-    height = 3.6 + 0.17 * (len(title_lines) - 1)
-    fig, axes = subplots(1, len(ranked), figsize=(width, height), squeeze=False, sharey=True)
+    fig, axes = subplots(1, len(ranked), figsize=(3.3 * len(ranked) + 0.6, 3.6), squeeze=False, sharey=True)
     for ax, label in zip(axes[0], ranked, strict=True):
         for other in baselines:
             if other != label:
@@ -191,7 +187,7 @@ def draw_curves(curves: dict[str, list[float]], aucs: dict[str, float], path: Pa
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)
     axes[0][0].set_ylabel("fraction of wrong labels found")
-    fig.suptitle("\n".join(title_lines), fontsize=10)
+    suptitle(fig, title, fontsize=10)
     save_figure(fig, path)
 
 
@@ -213,7 +209,7 @@ def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: 
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(2)
-    fig.suptitle("\n".join(textwrap.wrap(title, int(16 * 1.45 * columns))), fontsize=9)
+    suptitle(fig, title, fontsize=9)
     save_figure(fig, path)
 
 
