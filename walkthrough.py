@@ -20,7 +20,7 @@ Scales:
         detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on CPUs
         without bf16 units), the benchmark, the same jobs split over 2 processes, and the LDS of every strategy
         against 60 retrainings (about 70 minutes more).
-  full: the original example's full job on a CPU (about a day on 2 cores: docs/full_size.md): the 10%-corrupted
+  full: the original example's full job on a CPU (hours to a day on 2 cores: docs/full_size.md): the 10%-corrupted
         model trained with the original recipe and its detection with every strategy first, then the clean model,
         EK-FAC pairwise scores of 2,000 queries x 50,000 in fp32 and bf16 and their agreement, the most
         influential images, and the CIFAR-10N model and its detection. The models train with channels-last, in
