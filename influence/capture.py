@@ -131,8 +131,10 @@ class Capture:
                 step = chunk_size(layer, positions, self.max_elements) or keep
                 for start in range(0, keep, step):
                     end = min(start + step, keep)
-                    a = input_patches(layer, x[start:end]).to(self.dtype)
-                    g = output_gradients(layer, grad[start:end]).to(self.dtype)
+                    # Converted before the patches are gathered: they repeat each input value up to kh * kw
+                    # times, so the conversion copies the input once, and in bf16 the gathering copies half the bytes.
+                    a = input_patches(layer, x[start:end].to(self.dtype))
+                    g = output_gradients(layer, grad[start:end].to(self.dtype))
                     self.process(layer, a, g)
 
             output.register_hook(on_grad)

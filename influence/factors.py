@@ -15,7 +15,7 @@ from scipy.linalg import blas
 from influence import flops
 from influence.capture import per_example_gradient
 from influence.modules import Layer
-from influence.precondition import rotated_gradient, widened
+from influence.precondition import rotated_gradient, squares, wide
 
 # Seconds each CPU kernel took for a covariance update of one shape (rows, columns, dtype, threads). BLAS's
 # symmetric rank-k update does half the FLOPs of a general product, yet on a 2-core Xeon scipy's ran 2 to 5 times
@@ -163,8 +163,8 @@ class LambdaAccumulator(Sums):
             gradient = per_example_gradient(a, g)
         else:
             gradient = rotated_gradient(a, g, *self.eigenvectors[layer.name])
-        self.sums[layer.name] += widened(gradient).square().sum(dim=0)
-        flops.add(2 * gradient.numel(), gradient.dtype, gradient.device)
+        flops.add(2 * gradient.numel(), wide(gradient.dtype), gradient.device)
+        self.sums[layer.name] += squares(gradient).sum(dim=0)
         self.examples[layer.name] += a.shape[0]
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:

@@ -72,11 +72,28 @@ def squared_gradient_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     if positions * (in_dim + out_dim) < out_dim * in_dim:
         flops.add(2 * batch * positions * positions * (in_dim + out_dim), a.dtype, a.device)
         return (widened(g @ g.transpose(1, 2)) * widened(a @ a.transpose(1, 2))).sum(dim=(1, 2))
-    gradient = widened(per_example_gradient(a, g))
-    flops.add(2 * gradient.numel(), gradient.dtype, gradient.device)
-    return gradient.square().sum(dim=(1, 2))
+    gradient = per_example_gradient(a, g)
+    flops.add(2 * gradient.numel(), wide(gradient.dtype), gradient.device)
+    return squares(gradient).sum(dim=(1, 2))
+
+
+def wide(dtype: torch.dtype) -> torch.dtype:
+    """The precision squares and sums of `dtype` values are taken in: fp32 for bf16 and fp16, else `dtype`."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def widened(tensor: torch.Tensor) -> torch.Tensor:
     """bf16 products are squared and summed in fp32: the sums are of positive terms, the rounding stays relative."""
-    return tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
+    return tensor.to(wide(tensor.dtype))
+
+
+def squares(temporary: torch.Tensor) -> torch.Tensor:
+    """The elementwise squares of a tensor the caller no longer needs, widened (bf16 squared in fp32): squared in
+    place when it is already wide, so that no second tensor of its size is written and read."""
+    return widened(temporary).square_()
+
+
+def weighted_square_sums(temporary: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_ij T[n, i, j]^2 W[i, j] for every n, T consumed (see squares): one matrix-vector product over the
+    squares, which reads them once, where multiplying by W and then summing writes a third tensor and reads two."""
+    return squares(temporary).flatten(1) @ weights.flatten().to(wide(weights.dtype))

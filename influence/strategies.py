@@ -25,7 +25,8 @@ from influence.precondition import (
     heuristic_damping,
     rotated_gradient,
     squared_gradient_norm,
-    widened,
+    weighted_square_sums,
+    wide,
 )
 
 # The factor files, by kind (the file is <kind>.safetensors in the factors folder).
@@ -119,9 +120,9 @@ class Diagonal(Strategy):
         return per_example_gradient(a, g) * preconditioner.inverse
 
     def self_score(self, preconditioner, a, g) -> torch.Tensor:
-        gradient = widened(per_example_gradient(a, g))
-        flops.add(3 * gradient.numel(), gradient.dtype, gradient.device)
-        return (gradient.square() * preconditioner.inverse).sum(dim=(1, 2))
+        gradient = per_example_gradient(a, g)
+        flops.add(3 * gradient.numel(), wide(gradient.dtype), gradient.device)
+        return weighted_square_sums(gradient, preconditioner.inverse)
 
 
 class Eigenbasis(Strategy):
@@ -152,9 +153,9 @@ class Eigenbasis(Strategy):
     def self_score(self, preconditioner, a, g) -> torch.Tensor:
         """Without rotating back: sum((Q_S^T G Q_A)^2 / (Lambda + d))."""
         p = preconditioner
-        rotated = widened(rotated_gradient(a, g, p.q_a, p.q_s))
-        flops.add(3 * rotated.numel(), rotated.dtype, rotated.device)
-        return (rotated.square() * p.inverse).sum(dim=(1, 2))
+        rotated = rotated_gradient(a, g, p.q_a, p.q_s)
+        flops.add(3 * rotated.numel(), wide(rotated.dtype), rotated.device)
+        return weighted_square_sums(rotated, p.inverse)
 
 
 IDENTITY = Identity("identity", "identity")
