@@ -17,19 +17,28 @@ from influence.capture import per_example_gradient
 from influence.modules import Layer
 from influence.precondition import rotated_gradient, squares, wide
 
-# Seconds each CPU kernel took for a covariance update of one shape (rows, columns, dtype, threads). BLAS's
-# symmetric rank-k update does half the FLOPs of a general product, yet on a 2-core Xeon scipy's ran 2 to 5 times
-# slower than torch's general product for ResNet-9's gradient covariances (27 to 256 columns), and up to 1.9 times
-# faster for its widest activation covariances (1,600 and 2,304 columns). So each shape tries both on real
-# updates, once each, and keeps the faster.
+# Seconds each CPU kernel took for a covariance update of one shape (rows, columns, dtype, threads). The lower
+# triangle needs half the FLOPs of a general product, but which kernel gets there fastest depends on the machine
+# and the shape: on a 2-core Xeon scipy's symmetric rank-k update ran 2 to 5 times slower than torch's general
+# product for ResNet-9's gradient covariances (27 to 256 columns) and up to 1.9 times faster for its widest
+# activation covariances (1,600 and 2,304 columns); block rows of general products (`blocked`, (k + 1) / 2k of
+# the general product's FLOPs for k blocks) ran faster than either at 577 and 1,153 columns. So each shape tries
+# each kernel on real updates, once each, and keeps the fastest.
 KERNEL_SECONDS: dict[tuple[int, int, torch.dtype, int], dict[str, float]] = {}
+BLOCK_COLUMNS = 256  # columns per block row of the `blocked` kernel
+
+
+def cpu_kernels(dim: int) -> tuple[str, ...]:
+    """The covariance kernels worth trying for `dim` columns (blocks only where there are two or more)."""
+    return ("syrk", "general", "blocked") if dim > BLOCK_COLUMNS else ("syrk", "general")
 
 
 def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
     """total += rows^T rows, filling at least the lower triangle of `total` (symmetrise with `symmetrised`).
 
-    On the CPU, the faster for this shape of BLAS's symmetric update and a general product (KERNEL_SECONDS). The
-    FLOPs counted are the symmetric update's, the least the product needs, whichever kernel runs.
+    On the CPU, the fastest for this shape of BLAS's symmetric update, a general product and block rows of
+    general products (KERNEL_SECONDS). The FLOPs counted are the symmetric update's, the least the product needs,
+    whichever kernel runs.
     """
     count, dim = rows.shape
     if total.device.type != "cpu" or total.dtype not in (torch.float32, torch.float64):
@@ -37,7 +46,9 @@ def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
         flops.add(2 * count * dim * dim, total.dtype, total.device)
         return
     seconds = KERNEL_SECONDS.setdefault((count, dim, total.dtype, torch.get_num_threads()), {})
-    kernel = min(seconds, key=seconds.__getitem__) if len(seconds) == 2 else "syrk" if not seconds else "general"
+    kernels = cpu_kernels(dim)
+    untried = [kernel for kernel in kernels if kernel not in seconds]
+    kernel = untried[0] if untried else min(seconds, key=seconds.__getitem__)
     start = time.perf_counter()
     if kernel == "syrk":
         rows = rows.contiguous()
@@ -47,9 +58,13 @@ def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
         result = update(1.0, rows.numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
         if not np.shares_memory(result, target):
             target[...] = result
+    elif kernel == "blocked":
+        for first in range(0, dim, BLOCK_COLUMNS):
+            last = min(first + BLOCK_COLUMNS, dim)
+            total[first:last, :last].addmm_(rows[:, first:last].T, rows[:, :last])
     else:
         total.addmm_(rows.T, rows)
-    if len(seconds) < 2:
+    if untried:
         seconds[kernel] = time.perf_counter() - start
     flops.add(count * dim * (dim + 1), total.dtype, total.device)
 

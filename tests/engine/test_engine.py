@@ -274,20 +274,23 @@ def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_covariance_update_tries_both_cpu_kernels_and_keeps_the_faster(dtype):
-    """Each shape's first update runs BLAS's symmetric update, its second a general product, later ones the faster:
-    every one adds rows^T rows to the lower triangle, as a float64 product says."""
-    from influence.factors import KERNEL_SECONDS, symmetrised, syrk_update
+@pytest.mark.parametrize("dim", [11, 300, 600])
+def test_the_covariance_update_tries_every_cpu_kernel_and_keeps_the_fastest(dtype, dim):
+    """Each shape's first updates try BLAS's symmetric update, a general product and (past one block of columns)
+    block rows, once each, later ones the fastest: every one adds rows^T rows to the lower triangle, as a float64
+    product says."""
+    from influence.factors import KERNEL_SECONDS, cpu_kernels, symmetrised, syrk_update
 
+    kernels = cpu_kernels(dim)
+    assert len(kernels) == (2 if dim == 11 else 3)
     generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(37, 11, generator=generator, dtype=torch.float64) for _ in range(4)]
-    key = (37, 11, dtype, torch.get_num_threads())
+    batches = [torch.randn(37, dim, generator=generator, dtype=torch.float64) for _ in range(len(kernels) + 2)]
+    key = (37, dim, dtype, torch.get_num_threads())
     KERNEL_SECONDS.pop(key, None)
-    total, expected = torch.zeros(11, 11, dtype=dtype), torch.zeros(11, 11, dtype=torch.float64)
+    total, expected = torch.zeros(dim, dim, dtype=dtype), torch.zeros(dim, dim, dtype=torch.float64)
     for step, rows in enumerate(batches):
         syrk_update(total, rows.to(dtype))
         expected += rows.T @ rows
-        assert len(KERNEL_SECONDS[key]) == min(step + 1, 2)
+        assert list(KERNEL_SECONDS[key]) == list(kernels[: step + 1])
         tolerance = 1e-12 if dtype == torch.float64 else 1e-5
         torch.testing.assert_close(symmetrised(total).double(), expected, rtol=tolerance, atol=tolerance)
-    assert set(KERNEL_SECONDS[key]) == {"syrk", "general"}
