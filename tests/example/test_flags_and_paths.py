@@ -266,10 +266,14 @@ def test_the_full_scale_keeps_the_training_precision_it_began_with(tmp_path):
     steps = plan("--train_precision", "bf16")
     assert (tmp_path / "logs" / "train_precision.txt").read_text().startswith("bf16 (given by --train_precision)")
     assert all("--use_half_precision" in steps[name] for name in ("train_clean", "train_corrupt"))
+    # EK-FAC detects in fp32 as the original; the cheaper strategies follow the training precision.
+    assert "--use_half_precision" not in steps["detect_ekfac"]
+    assert all("--use_half_precision" in steps[f"detect_{name}"] for name in ("identity", "diagonal", "kfac"))
     assert list(steps)[:2] == ["train_corrupt", "detect_ekfac"]  # the headline result first
     # A resumed run trains as it began, whatever --train_precision now says; --force decides again.
     assert "--use_half_precision" in plan("--train_precision", "fp32")["train_corrupt"]
-    assert "--use_half_precision" not in plan("--train_precision", "fp32", "--force")["train_corrupt"]
+    in_fp32 = plan("--train_precision", "fp32", "--force")
+    assert not any("--use_half_precision" in in_fp32[name] for name in ("train_corrupt", "detect_kfac"))
     assert (tmp_path / "logs" / "train_precision.txt").read_text().startswith("fp32")
 
 
