@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from example.errors import PipelineError
-from example.flags import add_data_flags, folder
+from example.flags import POSITIVE_INT, add_data_flags, folder
 from example.hardware import cpu_bf16_units, matmul_rate
 from example.run import ArgumentParser, run_cli
 from influence import STRATEGIES
@@ -136,6 +136,14 @@ def parse_args(argv=None):
         f"products run at least {BF16_PAYS:g} times its fp32 rate, else fp32 as the original; measured at the first "
         "run and kept in <out_dir>/logs/train_precision.txt, so that a resumed run trains as it began)",
     )
+    parser.add_argument(
+        "--num_queries",
+        type=POSITIVE_INT,
+        default=None,
+        help="full scale: score the first Q test images in analyze_ekfac and analyze_ekfac_bf16 (default 2000, the "
+        "original job; every 250 queries cost one more pass of per-example gradients over the 50,000 training "
+        "images, so fewer make the clean model's steps fit a shorter session)",
+    )
     parser.add_argument("--force", action="store_true", help="rerun steps that already finished")
     parser.add_argument(
         "--skip",
@@ -148,6 +156,8 @@ def parse_args(argv=None):
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
     args = parser.parse_args(argv)
     args.out_dir = Path(args.out_dir or f"./walkthrough/{args.scale}")
+    if args.num_queries is not None and args.scale != "full":
+        parser.error("--num_queries is for --scale full (the other scales fix their jobs' sizes)")
     return args
 
 
@@ -213,6 +223,8 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
         ]
     if noisy:
         found.append(("train_noisy", [*train, *noisy], {}))
+    if args.num_queries is not None:
+        analyze += ["--num_queries", str(args.num_queries)]
     found.append(("analyze_ekfac", [*analyze, *scale["queries"]], {}))
     half_figure = ["--figure", f"{figures}/half_precision.png"]
     if args.scale == "full":  # the same job in bf16, its fp32 scores from analyze_ekfac

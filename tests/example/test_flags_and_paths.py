@@ -272,6 +272,10 @@ def test_the_full_scale_keeps_the_training_precision_it_began_with(tmp_path):
     assert list(steps)[:2] == ["train_corrupt", "detect_ekfac"]  # the headline result first
     # A resumed run trains as it began, whatever --train_precision now says; --force decides again.
     assert "--use_half_precision" in plan("--train_precision", "fp32")["train_corrupt"]
+    # --num_queries sizes the two analyze steps (and so what half_precision compares), nothing else.
+    for name, command in plan("--num_queries", "500").items():
+        sized = "--num_queries" in command and command[command.index("--num_queries") + 1] == "500"
+        assert sized == name.startswith("analyze_"), name
     in_fp32 = plan("--train_precision", "fp32", "--force")
     assert not any("--use_half_precision" in in_fp32[name] for name in ("train_corrupt", "detect_kfac"))
     assert (tmp_path / "logs" / "train_precision.txt").read_text().startswith("fp32")
