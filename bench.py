@@ -19,6 +19,10 @@ Precision: without --use_half_precision the passes run in fp32, with torch's def
 the original example ran with): convolutions in TF32 on tensor cores (cuDNN), matrix products in fp32. Each
 FLOP is set against the rate of its precision: fp32, TF32 (an fp32 product with TF32 allowed) or bf16.
 
+Under each pass's line, where its time went: the model's forward and backward passes, gathering patches, the
+engine's kernels (each with its own floor where it has products) and the rest of the pass. On the CPU this costs
+nothing and is always shown; on a GPU it waits for the device at every stage, so it is shown with --breakdown only.
+
 Under torchrun the FLOPs of every rank are added up and set against the sum of the ranks' matrix-multiply rates,
 measured at the same time; times are rank 0's wall clock, memory the largest of the ranks.
 """
@@ -56,6 +60,7 @@ from influence import (
     ScoreArguments,
     control_group,
     flops,
+    stages,
     synchronize,
     world_size,
 )
@@ -113,6 +118,12 @@ def parse_args(argv=None):
         default="auto",
         help="bound on the per-layer tensors of one chunk of a batch: a number, 'none' (whole batches) or 'auto' "
         "(the engine's default: a bound on the CPU, whole batches on a GPU)",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="on a GPU, also time each pass's stages (model, patches, kernels), which waits for the device at each "
+        "stage and slows the passes; on the CPU they are always timed, at no cost",
     )
     add_process_flags(parser)
     return parser.parse_args(argv)
@@ -202,6 +213,34 @@ def random_data(n: int, device: torch.device, seed: int) -> CifarData:
     return CifarData(images.to(device), labels.to(device), labels.to(device), "random")
 
 
+def breakdown(analyzer: Analyzer, kinds: list[flops.Precision], rates: dict[flops.Precision, float]) -> str:
+    """Per pass, each stage's seconds (rank 0's) with its time over the floor of its FLOPs (every rank's) where it
+    has products, and the rest of the pass: what the floor does not count shows up as stage time above its floor."""
+    columns = (*stages.STAGES, "rest")
+    header = f"{'where the time goes':<20}" + "".join(f"{name:>17}" for name in columns)
+    lines = [
+        "By stage (seconds, x floor): model = forward and backward, patches = gathering inputs and output "
+        "gradients,\nkernels = the engine's products on them, rest = the rest of the pass (batches, sums, saves)",
+        header,
+        "-" * len(header),
+    ]
+    for action, label in PHASES.items():
+        # The same actions on every rank, so that summed() meets each rank; the eigendecomposition has no stages.
+        if action not in analyzer.profiler.records or label == "eigendecomposition":
+            continue
+        parts = analyzer.profiler.stages.get(action, {})
+        cells = []
+        for name in stages.STAGES:
+            seconds, counts = parts.get(name, (0.0, {}))
+            floor = floor_seconds({kind: summed(counts.get(kind, 0)) for kind in kinds}, rates)
+            ratio = f"{seconds / floor:.2f}x" if floor > 0 else ""
+            cells.append(f"{seconds:>9.2f} {ratio:>6}")
+        rest = sum(analyzer.profiler.records[action]) - sum(seconds for seconds, _ in parts.values())
+        cells.append(f"{rest:>9.2f} {'':>6}")
+        lines.append((f"{label:<20}" + "".join(f"{cell:>17}" for cell in cells)).rstrip())
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = parse_args()
     keep_freed_memory()
@@ -224,6 +263,8 @@ def main() -> None:
     size = matmul_size(args, device)
     fp32_before = measure_rates(device, [torch.float32], size)[torch.float32]
 
+    staged = device.type == "cpu" or args.breakdown
+    stages.enable(device if staged else None)
     half = args.use_half_precision
     factor_args = FactorArguments(strategy=args.factor_strategy, use_half_precision=half)
     score_args = ScoreArguments(damping_factor=None, use_half_precision=half)
@@ -250,6 +291,7 @@ def main() -> None:
         analyzer.compute_self_scores("s", "f", batches, score_args)
         phase_memory["Compute Self-Influence Score"] = peak_memory(device)
 
+    stages.enable(None)
     rates = measure_rates(device, kinds, size)
     fp32_after = rates[torch.float32]
     rates[torch.float32] = max(fp32_before, fp32_after)
@@ -257,6 +299,7 @@ def main() -> None:
         action: {kind: summed(analyzer.profiler.flops.get(action, {}).get(kind, 0)) for kind in kinds}
         for action in PHASES
     }
+    by_stage = breakdown(analyzer, kinds, rates) if staged else ""  # on every rank: it sums over them
     if not is_main():
         return
     precision = "bf16" if args.use_half_precision else "fp32"
@@ -289,6 +332,8 @@ def main() -> None:
             f"{label:<20}{seconds:>10.2f}{total / 1e9:>12.1f}{total / seconds / 1e9:>10.1f}{floor:>11.2f}"
             f"{ratio}   {memory}"
         )
+    if staged:
+        print(by_stage)
     saves = analyzer.profiler.records.get("Save Partial Result", [])
     passes = sum(sum(analyzer.profiler.records.get(action, [])) for action in PHASES)
     print(

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence import flops
+from influence import flops, stages
 from influence.errors import InfluenceError
 from influence.modules import Layer, input_patches, output_gradients
 
@@ -133,9 +133,11 @@ class Capture:
                     end = min(start + step, keep)
                     # Converted before the patches are gathered: they repeat each input value up to kh * kw
                     # times, so the conversion copies the input once, and in bf16 the gathering copies half the bytes.
-                    a = input_patches(layer, x[start:end].to(self.dtype))
-                    g = output_gradients(layer, grad[start:end].to(self.dtype))
-                    self.process(layer, a, g)
+                    with stages.stage(stages.PATCHES):
+                        a = input_patches(layer, x[start:end].to(self.dtype))
+                        g = output_gradients(layer, grad[start:end].to(self.dtype))
+                    with stages.stage(stages.KERNELS):
+                        self.process(layer, a, g)
 
             output.register_hook(on_grad)
 
@@ -158,7 +160,7 @@ def backward_batch(
     capture.new_batch()
     device_type = next(model.parameters()).device.type
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if half else nullcontext()
-    with autocast:
+    with stages.stage(stages.MODEL), autocast:
         loss = loss_fn(batch, model)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -168,5 +170,6 @@ def backward_batch(
     capture.keep = capture.batch_size if limit is None else min(limit, capture.batch_size)
     if not loss.requires_grad:
         raise InfluenceError(f"{what} does not depend on the tracked modules' outputs")
-    loss.backward()
+    with stages.stage(stages.MODEL):  # the hooks' patches and kernels inside it are timed as their own stages
+        loss.backward()
     return capture.keep

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from influence import flops
+from influence import flops, stages
 
 _WIDTHS = (29, 21, 21, 21, 21)
 
@@ -23,6 +23,7 @@ class Profiler:
         self.enabled, self.device = enabled, device
         self.records: dict[str, list[float]] = {}
         self.flops: dict[str, dict[flops.Precision, int]] = {}  # per action, per precision (see influence.flops)
+        self.stages: dict[str, dict[str, tuple[float, dict]]] = {}  # per action, when stages are timed (see stages)
 
     @contextmanager
     def record(self, action: str) -> Iterator[None]:
@@ -30,13 +31,18 @@ class Profiler:
             yield
             return
         synchronize(self.device)
-        start, counted = time.perf_counter(), flops.read()
+        start, counted, staged = time.perf_counter(), flops.read(), stages.read()
         yield
         synchronize(self.device)
         self.records.setdefault(action, []).append(time.perf_counter() - start)
         totals = self.flops.setdefault(action, {})
         for dtype, count in flops.since(counted).items():
             totals[dtype] = totals.get(dtype, 0) + count
+        parts = self.stages.setdefault(action, {})
+        for name, (seconds, counts) in stages.since(staged).items():
+            seconds_before, counts_before = parts.get(name, (0.0, {}))
+            merged = {key: counts_before.get(key, 0) + counts.get(key, 0) for key in {*counts_before, *counts}}
+            parts[name] = (seconds_before + seconds, merged)
 
     def table(self) -> str:
         """The timing table in the original example's format, longest action first."""

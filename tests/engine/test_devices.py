@@ -20,10 +20,11 @@ import pipeline
 from example import devices
 from example.devices import get_device, local_gpu
 from example.errors import PipelineError
-from influence import Analyzer, FactorArguments, InfluenceError, flops, storage
+from influence import Analyzer, FactorArguments, InfluenceError, flops, stages, storage
 from influence import distributed as influence_distributed
-from influence.capture import Capture, backward_batch
+from influence.capture import Capture, backward_batch, per_example_gradient
 from influence.modules import find_layers
+from influence.profiler import Profiler
 from pipeline import CifarData, TensorBatches
 from tests.helpers import REPO_ROOT, run
 from tests.reference import TinyTask, batches, make_model
@@ -195,6 +196,56 @@ def test_the_models_convolutions_are_counted_as_convolutions(monkeypatch):
     # conv 2->3 (k3, s2, p1) on 7x7: 4x4 outputs; conv 3->4 (k2): 3x3 outputs; 4 FLOPs per multiply-add pair.
     expected = 4 * 4 * (3 * 16 * 2 * 9 + 4 * 9 * 3 * 4)
     assert counted["conv"] == expected and counted[torch.float32] == 4 * 4 * 3 * 36
+
+
+def test_a_stage_keeps_its_own_seconds_and_flops_without_those_of_the_stages_inside_it(monkeypatch):
+    clock = iter([10.0, 11.0, 14.0, 20.0])  # outer opens, inner opens, inner closes, outer closes
+    monkeypatch.setattr(stages.time, "perf_counter", lambda: next(clock))
+    stages.enable(CPU)
+    try:
+        before = stages.read()
+        with stages.stage("outer"):
+            flops.add(5, torch.float32)
+            with stages.stage("inner"):
+                flops.add(7, torch.float32)
+                flops.add(2, torch.bfloat16)
+    finally:
+        stages.enable(None)
+    spent = stages.since(before)
+    assert spent["outer"] == (pytest.approx(10.0 - 3.0), {torch.float32: 5})
+    assert spent["inner"] == (pytest.approx(3.0), {torch.float32: 7, torch.bfloat16: 2})
+    with stages.stage("outer"):  # disabled: nothing is timed
+        flops.add(1, torch.float32)
+    assert stages.since(before) == spent
+
+
+def test_a_backward_batch_splits_into_the_models_products_patches_and_kernels():
+    """The model's forward and input-gradient FLOPs land in its stage, the kernels' in theirs, none in patches,
+    and the profiler keeps each record's stages."""
+    model, x, y = make_model("cnn", dtype=torch.float32)
+    layers = find_layers(model, None)
+    profiler = Profiler(True, CPU)
+    stages.enable(CPU)
+    try:
+        with (
+            profiler.record("pass"),
+            Capture(model, layers, lambda layer, a, g: per_example_gradient(a, g), torch.float32) as capture,
+        ):
+            backward_batch(capture, model, (x[:4], y[:4]), TinyTask().compute_train_loss, False, "loss")
+    finally:
+        stages.enable(None)
+    parts = profiler.stages["pass"]
+    assert set(parts) == set(stages.STAGES)
+    # conv 2->3 (k3, bias) on 4x4 outputs, conv 3->4 (k2, no bias) on 3x3, linear 36->3 (bias), 4 examples: the
+    # forward and input-gradient products, 4 FLOPs per weight and output position; per-example gradients, 2 per
+    # position and entry of out x in' (in' counts the bias column).
+    model_flops = 4 * 4 * (3 * 16 * 2 * 9 + 4 * 9 * 3 * 4 + 3 * 36)
+    kernel_flops = 2 * 4 * (16 * 19 * 3 + 9 * 12 * 4 + 37 * 3)
+    assert parts[stages.MODEL][1] == {torch.float32: model_flops}
+    assert parts[stages.KERNELS][1] == {torch.float32: kernel_flops}
+    assert parts[stages.PATCHES][1] == {}
+    assert all(seconds > 0 for seconds, _ in parts.values())
+    assert sum(seconds for seconds, _ in parts.values()) <= sum(profiler.records["pass"])
 
 
 def test_the_benchmark_floor_counts_each_flop_at_its_precisions_rate():
