@@ -165,11 +165,20 @@ class Analyzer:
             self._backward(capture, batch, loss, half, desc, 0, 0, batch_length(batch))
 
     def _train_pass(
-        self, job: Pass, step: Callable[..., None], loss: str, half: bool, dtype: torch.dtype, after=None, seed=0
+        self,
+        job: Pass,
+        step: Callable[..., None],
+        loss: str,
+        half: bool,
+        dtype: torch.dtype,
+        after=None,
+        seed=0,
+        gradients: bool = True,
     ) -> list | None:
         """Run `job` over training batches: each batch's forward and backward hands every layer's (a, g) to `step`
-        in `dtype`, then after(offset) follows. Returns the loop's result files (rank 0)."""
-        with Capture(self.model, self.layers, step, dtype, self.max_elements) as capture:
+        in `dtype`, then after(offset) follows. Returns the loop's result files (rank 0). `gradients`: whether
+        `step` forms per-example gradients (see Capture)."""
+        with Capture(self.model, self.layers, step, dtype, self.max_elements, gradients) as capture:
 
             def run_batch(_: int, offset: int, batch: Any, count: int) -> None:
                 self._backward(capture, batch, loss, half, job.desc, seed, offset, count)
@@ -227,11 +236,13 @@ class Analyzer:
             with self.profiler.record("Load All Factors"):
                 return self.load_all_factors(factors_name)
 
-    def _factor_pass(self, job: Pass, step: Callable[..., None], args: FactorArguments, dtype: torch.dtype) -> None:
+    def _factor_pass(
+        self, job: Pass, step: Callable[..., None], args: FactorArguments, dtype: torch.dtype, gradients: bool = True
+    ) -> None:
         """A pass over at most max_examples training examples under the factor arguments' loss."""
         job.limit = args.max_examples
         loss = "train" if args.use_empirical_fisher else "sampled"
-        self._train_pass(job, step, loss, args.use_half_precision, dtype, seed=args.seed)
+        self._train_pass(job, step, loss, args.use_half_precision, dtype, seed=args.seed, gradients=gradients)
 
     def _fit_covariance(self, folder: Path, dataset: Iterable[Any], args: FactorArguments) -> None:
         if self.store.exists(*(folder / f"{name}.safetensors" for name in COVARIANCES)):
@@ -248,7 +259,7 @@ class Analyzer:
 
         job = Pass("Fit covariance", dataset, accumulator, result, finish=finish, record="Fit Covariance")
         job.save_record = "Save Covariance"
-        self._factor_pass(job, accumulator.update, args, self.dtype)
+        self._factor_pass(job, accumulator.update, args, self.dtype, gradients=False)  # sums of a a^T and g g^T only
 
     def _perform_eigendecomposition(self, folder: Path, strategy: Strategy) -> None:
         """Rank 0 reads the covariances and shares them; each rank decomposes its share of them (the one step of a

@@ -42,12 +42,18 @@ def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.bmm(g.transpose(1, 2), a)
 
 
-def chunk_size(layer: Layer, positions: int, max_elements: int | None) -> int | None:
-    """Examples per chunk so that a layer's largest per-chunk tensor (a, g or G) stays under max_elements."""
+def chunk_size(layer: Layer, positions: int, max_elements: int | None, examples: int, gradients: bool = True) -> int:
+    """Examples per chunk of `examples` so that a layer's largest per-chunk tensor (a, g, and G when the step
+    forms per-example `gradients`) stays under max_elements, in chunks of equal size: a small last chunk would
+    be a slower product of its own shape."""
     if max_elements is None:
-        return None
-    per_example = max(positions * layer.in_dim, positions * layer.out_dim, layer.out_dim * layer.in_dim)
-    return max(1, max_elements // per_example)
+        return max(examples, 1)
+    per_example = max(positions * layer.in_dim, positions * layer.out_dim)
+    if gradients:
+        per_example = max(per_example, layer.out_dim * layer.in_dim)
+    largest = max(1, max_elements // per_example)
+    chunks = -(-examples // largest)
+    return max(1, -(-examples // max(chunks, 1)))
 
 
 class Capture:
@@ -58,6 +64,8 @@ class Capture:
     With `max_elements`, a layer's examples are handed over in consecutive chunks whose a, g and per-example
     gradients hold at most that many elements each: the batch stays large for the forward and backward passes,
     while the expanded per-layer tensors stay small enough to be reused from cache instead of freshly faulted in.
+    `gradients=False` says that `process` forms no per-example gradient (the covariance pass), so only a and g
+    bound the chunks, and its products stay as large as the memory bound allows.
     """
 
     def __init__(
@@ -67,9 +75,10 @@ class Capture:
         process: Process,
         dtype: torch.dtype,
         max_elements: int | None = None,
+        gradients: bool = True,
     ) -> None:
         self.model, self.layers, self.process, self.dtype = model, layers, process, dtype
-        self.max_elements = max_elements
+        self.max_elements, self.gradients = max_elements, gradients
         self.batch_size: int | None = None
         self.keep: int | None = None
         self._handles: list[Any] = []
@@ -128,7 +137,7 @@ class Capture:
 
             def on_grad(grad: torch.Tensor) -> None:
                 keep = self.keep if self.keep is not None else x.shape[0]
-                step = chunk_size(layer, positions, self.max_elements) or keep
+                step = chunk_size(layer, positions, self.max_elements, keep, self.gradients)
                 for start in range(0, keep, step):
                     end = min(start + step, keep)
                     # Converted before the patches are gathered: they repeat each input value up to kh * kw

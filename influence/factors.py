@@ -17,20 +17,47 @@ from influence.capture import per_example_gradient
 from influence.modules import Layer
 from influence.precondition import rotated_gradient, squares, wide
 
-# Seconds each CPU kernel took for a covariance update of one shape (rows, columns, dtype, threads). The lower
-# triangle needs half the FLOPs of a general product, but which kernel gets there fastest depends on the machine
-# and the shape: on a 2-core Xeon scipy's symmetric rank-k update ran 2 to 5 times slower than torch's general
-# product for ResNet-9's gradient covariances (27 to 256 columns) and up to 1.9 times faster for its widest
-# activation covariances (1,600 and 2,304 columns); block rows of general products (`blocked`, (k + 1) / 2k of
-# the general product's FLOPs for k blocks) ran faster than either at 577 and 1,153 columns. So each shape tries
-# each kernel on real updates, once each, and keeps the fastest.
+# Seconds per row each CPU kernel took for a covariance update of one shape (rows, columns, dtype, threads). The
+# lower triangle needs half the FLOPs of a general product, but which kernel gets there fastest depends on the
+# machine and the shape: on a 2-core Xeon scipy's symmetric rank-k update ran 2 to 5 times slower than torch's
+# general product for ResNet-9's gradient covariances (27 to 256 columns) and up to 1.9 times faster for its
+# widest activation covariances (1,600 and 2,304 columns); block rows of general products (`blocked`, (k + 1) / 2k
+# of the general product's FLOPs for k blocks) ran faster than either at 577 and 1,153 columns. So the first
+# update of each shape splits its rows between the kernels, one share each (rows^T rows is the sum of the shares'
+# products), and the later ones use the fastest per row: a pass of a few batches does not pay for whole updates
+# run with the slower kernels.
 KERNEL_SECONDS: dict[tuple[int, int, torch.dtype, int], dict[str, float]] = {}
 BLOCK_COLUMNS = 256  # columns per block row of the `blocked` kernel
+TRIAL_ROWS = 64  # the least rows per kernel for a trial worth timing; smaller updates use the general product
 
 
 def cpu_kernels(dim: int) -> tuple[str, ...]:
     """The covariance kernels worth trying for `dim` columns (blocks only where there are two or more)."""
     return ("syrk", "general", "blocked") if dim > BLOCK_COLUMNS else ("syrk", "general")
+
+
+def _syrk(total: torch.Tensor, rows: torch.Tensor) -> None:
+    rows = rows.contiguous()
+    update = blas.ssyrk if total.dtype == torch.float32 else blas.dsyrk
+    # rows^T as a Fortran-ordered [dim, count] view, total^T as a Fortran-ordered target: no copies.
+    target = total.numpy().T
+    result = update(1.0, rows.numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
+    if not np.shares_memory(result, target):
+        target[...] = result
+
+
+def _blocked(total: torch.Tensor, rows: torch.Tensor) -> None:
+    dim = rows.shape[1]
+    for first in range(0, dim, BLOCK_COLUMNS):
+        last = min(first + BLOCK_COLUMNS, dim)
+        total[first:last, :last].addmm_(rows[:, first:last].T, rows[:, :last])
+
+
+def _general(total: torch.Tensor, rows: torch.Tensor) -> None:
+    total.addmm_(rows.T, rows)
+
+
+CPU_KERNELS = {"syrk": _syrk, "general": _general, "blocked": _blocked}
 
 
 def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
@@ -41,32 +68,23 @@ def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
     whichever kernel runs.
     """
     count, dim = rows.shape
+    flops.add(count * dim * (dim + 1), total.dtype, total.device)
     if total.device.type != "cpu" or total.dtype not in (torch.float32, torch.float64):
         total.addmm_(rows.T, rows)
-        flops.add(2 * count * dim * dim, total.dtype, total.device)
         return
-    seconds = KERNEL_SECONDS.setdefault((count, dim, total.dtype, torch.get_num_threads()), {})
+    key = (count, dim, total.dtype, torch.get_num_threads())
     kernels = cpu_kernels(dim)
-    untried = [kernel for kernel in kernels if kernel not in seconds]
-    kernel = untried[0] if untried else min(seconds, key=seconds.__getitem__)
-    start = time.perf_counter()
-    if kernel == "syrk":
-        rows = rows.contiguous()
-        update = blas.ssyrk if total.dtype == torch.float32 else blas.dsyrk
-        # rows^T as a Fortran-ordered [dim, count] view, total^T as a Fortran-ordered target: no copies.
-        target = total.numpy().T
-        result = update(1.0, rows.numpy().T, beta=1.0, c=target, trans=0, lower=0, overwrite_c=1)
-        if not np.shares_memory(result, target):
-            target[...] = result
-    elif kernel == "blocked":
-        for first in range(0, dim, BLOCK_COLUMNS):
-            last = min(first + BLOCK_COLUMNS, dim)
-            total[first:last, :last].addmm_(rows[:, first:last].T, rows[:, :last])
+    if key in KERNEL_SECONDS:
+        seconds = KERNEL_SECONDS[key]
+        CPU_KERNELS[min(seconds, key=seconds.__getitem__)](total, rows)
+    elif count < TRIAL_ROWS * len(kernels):
+        CPU_KERNELS["general"](total, rows)
     else:
-        total.addmm_(rows.T, rows)
-    if untried:
-        seconds[kernel] = time.perf_counter() - start
-    flops.add(count * dim * (dim + 1), total.dtype, total.device)
+        seconds = KERNEL_SECONDS[key] = {}
+        for kernel, share in zip(kernels, torch.tensor_split(rows, len(kernels)), strict=True):
+            start = time.perf_counter()
+            CPU_KERNELS[kernel](total, share)
+            seconds[kernel] = (time.perf_counter() - start) / share.shape[0]
 
 
 def symmetrised(lower: torch.Tensor) -> torch.Tensor:
