@@ -249,7 +249,7 @@ def main() -> None:
     args.influence_batch_size = influence_batch_size(args, device)
     say_if_bf16_is_emulated(device, args.use_half_precision)
     torch.manual_seed(0)
-    # Random weights are laid out as the scripts lay out a checkpoint's (channels-last on a GPU).
+    # Random weights are laid out as the scripts lay out a checkpoint's (channels-last).
     model = load_model(args.checkpoint, device) if args.checkpoint else place_model(construct_resnet9(), device)
     if args.dataset_dir:
         train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=device)

@@ -181,6 +181,7 @@ def run_kronfluence(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
     from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 
     model, train, queries = load_inputs(args)
+    model = model.to(memory_format=torch.contiguous_format)  # as kronfluence's example lays it out
 
     def dataset(data: CifarData) -> torch.utils.data.TensorDataset:
         return torch.utils.data.TensorDataset(normalize(data.images), data.labels, torch.arange(len(data)))

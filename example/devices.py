@@ -42,11 +42,12 @@ def local_gpu(local_rank: int, local_world: int, gpus: int) -> int:
 
 
 def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """The model on `device` in eval mode, channels-last on a GPU (tensor-core convolutions prefer NHWC; the
-    influence engine reads any layout), as the scripts and the benchmark run it."""
+    """The model on `device` in eval mode, channels-last (NHWC convolutions run faster on tensor cores and, in
+    oneDNN, on the CPU: 10 to 15% less time in the passes' forward and backward on a 2-core EPYC; the influence
+    engine reads any layout), as the scripts and the benchmark run it."""
     device = torch.device(device)
     return model.to(device, memory_format=memory_format(device)).eval()
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return torch.channels_last

@@ -160,11 +160,12 @@ def test_a_generator_on_another_device_than_the_images_is_refused():
         pipeline.random_crop_flip(images, torch.Generator())
 
 
-def test_models_are_channels_last_on_a_gpu_only():
-    assert devices.memory_format(GPU) == torch.channels_last
-    assert devices.memory_format(CPU) == torch.contiguous_format
+def test_models_are_channels_last_on_every_device():
+    assert devices.memory_format(GPU) == devices.memory_format(CPU) == torch.channels_last
     model = devices.place_model(pipeline.construct_resnet9(), "cpu")
-    assert not model.training and model[0][0].weight.is_contiguous()
+    weight = model[0][0].weight
+    assert not model.training and weight.is_contiguous(memory_format=torch.channels_last)
+    assert not weight.is_contiguous()
 
 
 # ---- 4. What is counted at which rate ----
