@@ -275,6 +275,10 @@ def test_bench_on_the_cpu_with_the_scripts_batch_size_and_whole_batches():
     lines = out.splitlines()
     table = lines[[line.split()[0] if line.strip() else "" for line in lines].index("phase") + 2 :]
     assert [line.split()[0] for line in table[:3]] == ["Lambda", "pairwise", "self-influence"]
+    # The stage table, one row per pass with the model's, the patches', the kernels' and the rest's seconds.
+    staged = lines[[line.split()[:1] for line in lines].index(["where"]) + 2 :]
+    assert [line.split()[0] for line in staged[:3]] == ["Lambda", "pairwise", "self-influence"]
+    assert all(float(cell) >= 0 for cell in staged[0].split()[1:] if not cell.endswith("x"))
     err = run("bench.py", "--max_elements", "lots", expect=2).stderr
     assert err.startswith("error: argument --max_elements: expected a number, 'none' or 'auto'")
     assert err.count("\n") == 1
