@@ -36,14 +36,15 @@ from tqdm import tqdm
 
 from influence import flops
 from influence.arguments import FactorArguments, ScoreArguments, to_dict
-from influence.capture import Capture, backward_batch, per_example_gradient, to_device
+from influence.capture import Capture, Inputs, backward_batch, per_example_gradient, to_device
 from influence.distributed import Group, balanced_owners
 from influence.errors import InfluenceError
 from influence.factors import CovarianceAccumulator, LambdaAccumulator, eigendecomposition, kfac_lambda
-from influence.modules import Layer, find_layers
+from influence.modules import Layer, find_layers, input_patches
 from influence.passes import ALL_MODULES, Columns, Loop, Pass, Rows, batch_length
 from influence.precondition import LayerPreconditioner
 from influence.profiler import Profiler
+from influence.shifted import covariance_input
 from influence.storage import (
     FACTOR_ARGUMENTS,
     FIX_HINT,
@@ -174,11 +175,12 @@ class Analyzer:
         after=None,
         seed=0,
         gradients: bool = True,
+        inputs: Inputs = input_patches,
     ) -> list | None:
         """Run `job` over training batches: each batch's forward and backward hands every layer's (a, g) to `step`
         in `dtype`, then after(offset) follows. Returns the loop's result files (rank 0). `gradients`: whether
-        `step` forms per-example gradients (see Capture)."""
-        with Capture(self.model, self.layers, step, dtype, self.max_elements, gradients) as capture:
+        `step` forms per-example gradients, `inputs` what it gets of a layer's input (see Capture)."""
+        with Capture(self.model, self.layers, step, dtype, self.max_elements, gradients, inputs) as capture:
 
             def run_batch(_: int, offset: int, batch: Any, count: int) -> None:
                 self._backward(capture, batch, loss, half, job.desc, seed, offset, count)
@@ -237,12 +239,19 @@ class Analyzer:
                 return self.load_all_factors(factors_name)
 
     def _factor_pass(
-        self, job: Pass, step: Callable[..., None], args: FactorArguments, dtype: torch.dtype, gradients: bool = True
+        self,
+        job: Pass,
+        step: Callable[..., None],
+        args: FactorArguments,
+        dtype: torch.dtype,
+        gradients: bool = True,
+        inputs: Inputs = input_patches,
     ) -> None:
         """A pass over at most max_examples training examples under the factor arguments' loss."""
         job.limit = args.max_examples
         loss = "train" if args.use_empirical_fisher else "sampled"
-        self._train_pass(job, step, loss, args.use_half_precision, dtype, seed=args.seed, gradients=gradients)
+        half = args.use_half_precision
+        self._train_pass(job, step, loss, half, dtype, seed=args.seed, gradients=gradients, inputs=inputs)
 
     def _fit_covariance(self, folder: Path, dataset: Iterable[Any], args: FactorArguments) -> None:
         if self.store.exists(*(folder / f"{name}.safetensors" for name in COVARIANCES)):
@@ -259,7 +268,8 @@ class Analyzer:
 
         job = Pass("Fit covariance", dataset, accumulator, result, finish=finish, record="Fit Covariance")
         job.save_record = "Save Covariance"
-        self._factor_pass(job, accumulator.update, args, self.dtype, gradients=False)  # sums of a a^T and g g^T only
+        # Sums of a a^T and g g^T only, a convolution's a a^T from shifted products of its input where that is faster.
+        self._factor_pass(job, accumulator.update, args, self.dtype, gradients=False, inputs=covariance_input)
 
     def _perform_eigendecomposition(self, folder: Path, strategy: Strategy) -> None:
         """Rank 0 reads the covariances and shares them; each rank decomposes its share of them (the one step of a

@@ -19,7 +19,8 @@ from influence import flops, stages
 from influence.errors import InfluenceError
 from influence.modules import Layer, input_patches, output_gradients
 
-Process = Callable[[Layer, torch.Tensor, torch.Tensor], None]
+Process = Callable[[Layer, Any, torch.Tensor], None]
+Inputs = Callable[[Layer, torch.Tensor], Any]
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -65,7 +66,8 @@ class Capture:
     gradients hold at most that many elements each: the batch stays large for the forward and backward passes,
     while the expanded per-layer tensors stay small enough to be reused from cache instead of freshly faulted in.
     `gradients=False` says that `process` forms no per-example gradient (the covariance pass), so only a and g
-    bound the chunks, and its products stay as large as the memory bound allows.
+    bound the chunks, and its products stay as large as the memory bound allows. `inputs` makes what `process`
+    gets of a layer's input, the patches a by default (the covariance pass: shifted.covariance_input).
     """
 
     def __init__(
@@ -76,9 +78,10 @@ class Capture:
         dtype: torch.dtype,
         max_elements: int | None = None,
         gradients: bool = True,
+        inputs: Inputs = input_patches,
     ) -> None:
         self.model, self.layers, self.process, self.dtype = model, layers, process, dtype
-        self.max_elements, self.gradients = max_elements, gradients
+        self.max_elements, self.gradients, self.inputs = max_elements, gradients, inputs
         self.batch_size: int | None = None
         self.keep: int | None = None
         self._handles: list[Any] = []
@@ -143,7 +146,7 @@ class Capture:
                     # Converted before the patches are gathered: they repeat each input value up to kh * kw
                     # times, so the conversion copies the input once, and in bf16 the gathering copies half the bytes.
                     with stages.stage(stages.PATCHES):
-                        a = input_patches(layer, x[start:end].to(self.dtype))
+                        a = self.inputs(layer, x[start:end].to(self.dtype))
                         g = output_gradients(layer, grad[start:end].to(self.dtype))
                     with stages.stage(stages.KERNELS):
                         self.process(layer, a, g)

@@ -16,6 +16,7 @@ from influence import flops
 from influence.capture import per_example_gradient
 from influence.modules import Layer
 from influence.precondition import rotated_gradient, squares, wide
+from influence.shifted import ShiftedInput, add_shifted
 
 # Seconds per row each CPU kernel took for a covariance update of one shape (rows, columns, dtype, threads). The
 # lower triangle needs half the FLOPs of a general product, but which kernel gets there fastest depends on the
@@ -146,10 +147,14 @@ class CovarianceAccumulator(Sums):
             **{f"rows/{name}": count for name, count in self.rows.items()},
         }
 
-    def update(self, layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
-        syrk_update(self.activation[layer.name], a.reshape(-1, a.shape[-1]))
+    def update(self, layer: Layer, a: torch.Tensor | ShiftedInput, g: torch.Tensor) -> None:
+        """Add a chunk's rows: a as patches [B, T, in'], or a convolution's input laid out by shifted.py."""
+        if isinstance(a, ShiftedInput):
+            add_shifted(self.activation[layer.name], layer, a)
+        else:
+            syrk_update(self.activation[layer.name], a.reshape(-1, a.shape[-1]))
         syrk_update(self.gradient[layer.name], g.reshape(-1, g.shape[-1]))
-        self.rows[layer.name] += a.shape[0] * a.shape[1]
+        self.rows[layer.name] += g.shape[0] * g.shape[1]
 
     def finish(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, int]]:
         rows = {name: int(count.item()) for name, count in self.rows.items()}

@@ -91,7 +91,7 @@ def find_layers(model: nn.Module, names: list[str] | None) -> list[Layer]:
     return [Layer(name, named[name], canonical_columns(named[name])) for name in chosen]
 
 
-def _padding(conv: nn.Conv2d) -> list[int]:
+def conv_padding(conv: nn.Conv2d) -> list[int]:
     """(left, right) zero padding per spatial dimension, height first, as the convolution applies it."""
     if conv.padding == "valid":
         return [0, 0, 0, 0]
@@ -130,7 +130,7 @@ def input_patches(layer: Layer, x: torch.Tensor) -> torch.Tensor:
             raise InfluenceError(
                 f"module {layer.name!r} got a {x.dim()}-d input; tracked convolutions need [B, C, H, W]"
             )
-        top, bottom, left, right = _padding(module)
+        top, bottom, left, right = conv_padding(module)
         nhwc = x.permute(0, 2, 3, 1)
         if top or bottom or left or right:
             nhwc = F.pad(nhwc, (0, 0, left, right, top, bottom))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -308,3 +310,93 @@ def test_the_covariance_update_tries_every_cpu_kernel_and_keeps_the_fastest(monk
         else:
             assert ran == [kernels[-1] if step < 3 else "general"]
         torch.testing.assert_close(symmetrised(total).double(), expected, rtol=rtol, atol=atol)
+
+
+# Stride-1 convolutions whose covariance comes from shifted products: paddings that read every column (1), skip
+# some (0), reach past the input (3 on 3x3), asymmetric ('same' with an even kernel), dilations, non-square.
+SHIFTED = [
+    dict(kernel_size=3, padding=1),
+    dict(kernel_size=3, padding=0),
+    dict(kernel_size=(3, 5), padding=(1, 2)),
+    dict(kernel_size=3, padding=2, dilation=2),
+    dict(kernel_size=3, padding=3),
+    dict(kernel_size=(2, 3), padding="valid"),
+    dict(kernel_size=4, padding="same", dilation=(1, 2)),
+]
+
+
+def unfolded_by_torch(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """[N * T, in'] patches in the weight's column order, by torch's unfold on explicitly padded input."""
+    import torch.nn.functional as F
+
+    (kh, kw), (dh, dw) = conv.kernel_size, conv.dilation
+    if conv.padding == "same":
+        pads = [d * (k - 1) for k, d in ((kw, dw), (kh, dh))]
+        pad = (pads[0] // 2, pads[0] - pads[0] // 2, pads[1] // 2, pads[1] - pads[1] // 2)
+    else:
+        ph, pw = (0, 0) if conv.padding == "valid" else conv.padding
+        pad = (pw, pw, ph, ph)
+    a = F.unfold(F.pad(x, pad), conv.kernel_size, dilation=conv.dilation).transpose(1, 2)
+    if conv.bias is not None:
+        a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], 2)
+    return a.reshape(-1, a.shape[-1])
+
+
+@pytest.mark.parametrize("geometry", SHIFTED, ids=str)
+@pytest.mark.parametrize("bias", [False, True])
+def test_shifted_products_give_the_patches_covariance(geometry, bias):
+    """A^T A from shifted products of the input equals the product of the patches torch's unfold gathers, in
+    float64, bias column included."""
+    from influence.factors import symmetrised
+    from influence.modules import find_layers
+    from influence.shifted import add_shifted, shifted_input
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 3, bias=bias, **geometry).double()
+    (layer,) = find_layers(torch.nn.Sequential(conv), None)
+    x = torch.randn(5, 4, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    a = unfolded_by_torch(conv, x)
+    total = torch.zeros(layer.in_dim, layer.in_dim, dtype=torch.float64)
+    image = shifted_input(layer, x[:2])
+    add_shifted(total, layer, image)
+    add_shifted(total, layer, shifted_input(layer, x[2:]))  # updates add up
+    assert image.plan.positions * 5 == a.shape[0]
+    assert relative_error(layer.to_weight_order(symmetrised(total), dims=(0, 1)), a.T @ a) < 1e-13
+
+
+def test_the_covariance_pass_shifts_the_wide_stride_1_convolutions_only(tmp_path):
+    """On the CPU the covariance pass takes shifted products for a wide stride-1 convolution, patches for the
+    stride-2, narrow and 1x1 ones, and the fitted covariances are their definitions either way."""
+    from influence.modules import find_layers
+    from influence.shifted import ShiftedInput, covariance_input
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1),  # too narrow an input
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, bias=False),  # shifted
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(16, 16, 3, stride=2, padding=1),  # stride 2
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(16, 8, 1),  # 1x1
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 16, 3),
+    ).double()
+    x, y = torch.randn(12, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
+    shifted = {}
+
+    def keep_input(layer, module, args):
+        shifted[layer.name] = covariance_input(layer, args[0])
+
+    handles = [layer.module.register_forward_pre_hook(partial(keep_input, layer)) for layer in find_layers(model, None)]
+    model(x)
+    for handle in handles:
+        handle.remove()
+    assert [name for name, inputs in shifted.items() if isinstance(inputs, ShiftedInput)] == ["2"]
+    analyzer = Analyzer("test", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    args = FactorArguments(strategy="kfac", use_empirical_fisher=True)
+    factors = analyzer.fit_all_factors("kfac", batches(x, y, 5), args)
+    captured = activations_and_output_gradients(model, TinyTask().compute_train_loss, x, y)
+    for name, (a, _) in captured.items():
+        a_cov = torch.einsum("nti,ntj->ij", a, a) / (a.shape[0] * a.shape[1])
+        assert relative_error(factors["activation_covariance"][name], a_cov) < 1e-12, name
