@@ -148,7 +148,7 @@ class CovarianceAccumulator(Sums):
         }
 
     def update(self, layer: Layer, a: torch.Tensor | ShiftedInput, g: torch.Tensor) -> None:
-        """Add a chunk's rows: a as patches [B, T, in'], or a convolution's input laid out by shifted.py."""
+        """Add a chunk's rows: a as patches [B, T, in'], or a convolution's input laid out by shifted.shifted_input."""
         if isinstance(a, ShiftedInput):
             add_shifted(self.activation[layer.name], layer, a)
         else:
