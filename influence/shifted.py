@@ -20,6 +20,7 @@ outside the input, which the convolution's zero padding reads as zeros.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -89,32 +90,10 @@ def plan(module: nn.Conv2d, height: int, width: int) -> Plan:
     return Plan(reads_y, reads_x, segments, skipped, shifts, max(out_h, 0) * max(out_w, 0))
 
 
-def shifted_flops(module: nn.Conv2d, batch: int, height: int, width: int) -> int:
+def shifted_flops(todo: Plan, batch: int, run: int, channels: int) -> int:
     """FLOPs of add_shifted's products for one batch: each shift's row segments and skipped columns."""
-    (_, kw), (_, dw) = module.kernel_size, module.dilation
-    run = width + (kw - 1) * dw
-    rows = sum(
-        (hi - lo) * batch * (run + len(shift.columns))
-        for shift in plan(module, height, width).shifts
-        for lo, hi in shift.segments
-    )
-    return 2 * rows * module.in_channels**2
-
-
-def worth_shifting(layer: Layer, x: torch.Tensor) -> bool:
-    """Whether shifted products beat the patches' symmetric update for this layer and input: a stride-1
-    convolution on the CPU, wide enough for fast products (MIN_CHANNELS), in fewer FLOPs. (On a 2-core AVX2
-    EPYC, ResNet-9's 3x3 layers ran 1.2 to 3 times faster so, the layout's copy included.)"""
-    module = layer.module
-    if not isinstance(module, nn.Conv2d) or x.device.type != "cpu" or x.dim() != 4:
-        return False
-    if tuple(module.stride) != (1, 1) or module.in_channels < MIN_CHANNELS or module.weight[0, 0].numel() == 1:
-        return False
-    batch, _, height, width = x.shape
-    positions = plan(module, height, width).positions
-    if positions < 1:
-        return False
-    return shifted_flops(module, batch, height, width) < batch * positions * layer.in_dim * (layer.in_dim + 1)
+    rows = sum((hi - lo) * batch * (run + len(shift.columns)) for shift in todo.shifts for lo, hi in shift.segments)
+    return 2 * rows * channels**2
 
 
 @dataclass(frozen=True)
@@ -123,37 +102,71 @@ class ShiftedInput:
 
     flat: torch.Tensor  # [margin + (H + pad rows) * B * run + margin, C], zero outside the input
     batch: int
-    height: int
-    width: int
     run: int  # W + pad columns: rows of `flat` per (input row, example)
     margin: int
     plan: Plan
 
 
-def shifted_input(layer: Layer, x: torch.Tensor) -> ShiftedInput:
-    """x ([B, C, H, W]) laid out for add_shifted: one copy of the input, against kh * kw for its patches."""
+def _run(module: nn.Conv2d, width: int) -> int:
+    """Rows of the layout per (input row, example): the row and the pad columns the widest shift reaches."""
+    return width + (module.kernel_size[1] - 1) * module.dilation[1]
+
+
+def _worth_shifting(layer: Layer, x: torch.Tensor) -> Plan | None:
+    """The plan where shifted products beat the patches' symmetric update for this layer and input (a stride-1
+    convolution on the CPU, wide enough for fast products (MIN_CHANNELS), in fewer FLOPs), else None. (On a 2-core
+    AVX2 EPYC, ResNet-9's 3x3 layers ran 1.2 to 3 times faster so, the layout's copy included.)"""
     module = layer.module
-    (kh, kw), (dh, dw) = module.kernel_size, module.dilation
+    if not isinstance(module, nn.Conv2d) or x.device.type != "cpu" or x.dim() != 4:
+        return None
+    if tuple(module.stride) != (1, 1) or module.in_channels < MIN_CHANNELS or module.weight[0, 0].numel() == 1:
+        return None
     batch, channels, height, width = x.shape
-    pad_cols, pad_rows = (kw - 1) * dw, (kh - 1) * dh
-    run = width + pad_cols
+    todo = plan(module, height, width)
+    if todo.positions < 1:
+        return None
+    patches = batch * todo.positions * layer.in_dim * (layer.in_dim + 1)
+    return todo if shifted_flops(todo, batch, _run(module, width), channels) < patches else None
+
+
+def shifted_input(layer: Layer, x: torch.Tensor, todo: Plan | None = None) -> ShiftedInput:
+    """x ([B, C, H, W]) laid out for add_shifted: one copy of the input, against kh * kw for its patches.
+    `todo`: the plan for this input size, if made already."""
+    module = layer.module
+    batch, channels, height, width = x.shape
+    run = _run(module, width)
+    pad_cols, pad_rows = run - width, (module.kernel_size[0] - 1) * module.dilation[0]
     body = (height + pad_rows) * batch * run
     flat = x.new_zeros(pad_cols + body + pad_cols, channels)
     grid = flat[pad_cols : pad_cols + body].view(height + pad_rows, batch, run, channels)
     grid[:height, :, :width].copy_(x.permute(2, 0, 3, 1))
-    return ShiftedInput(flat, batch, height, width, run, pad_cols, plan(module, height, width))
+    return ShiftedInput(flat, batch, run, pad_cols, todo or plan(module, height, width))
 
 
 def covariance_input(layer: Layer, x: torch.Tensor) -> torch.Tensor | ShiftedInput:
     """What the covariance pass takes of a layer's input: the layout for shifted products where they are faster,
     else the patches a."""
-    return shifted_input(layer, x) if worth_shifting(layer, x) else input_patches(layer, x)
+    todo = _worth_shifting(layer, x)
+    return input_patches(layer, x) if todo is None else shifted_input(layer, x, todo)
+
+
+def _over_reads(
+    by_segment: dict, by_column: dict, segments: list, columns: list, read_y: tuple[int, int], read_x: tuple[int, int]
+) -> torch.Tensor:
+    """The sum of a per-segment quantity over the positions one kernel offset reads: its row segments, less the
+    columns among `columns` it skips."""
+    mine = [s for s in segments if _inside(s, read_y)]
+    total = sum(by_segment[s] for s in mine)
+    for column in columns:
+        if not _reads_column(read_x, column):
+            total = total - sum(by_column[s, column] for s in mine)
+    return total
 
 
 def add_shifted(total: torch.Tensor, layer: Layer, image: ShiftedInput) -> None:
     """total += A^T A for the layer's patches of `image`, in the engine's column order ((kh, kw, C), then the bias
     column), filling the lower triangle and the diagonal blocks (symmetrise with factors.symmetrised)."""
-    (kh, kw), (dh, dw) = layer.module.kernel_size, layer.module.dilation
+    kw, (dh, dw) = layer.module.kernel_size[1], layer.module.dilation
     flat, channels, todo = image.flat, image.flat.shape[1], image.plan
     per_row = image.batch * image.run  # rows of `flat` per input row
 
@@ -174,34 +187,19 @@ def add_shifted(total: torch.Tensor, layer: Layer, image: ShiftedInput) -> None:
             (s, c): column_of(s, c, 0).T @ column_of(s, c, offset) for s in shift.segments for c in shift.columns
         }
         for jy in shift.bases_y:
-            mine = [s for s in shift.segments if _inside(s, todo.reads_y[jy])]
-            row_sum = sum(segment_products[s] for s in mine)
             for jx in shift.bases_x:
-                block = row_sum
-                for column in shift.columns:
-                    if not _reads_column(todo.reads_x[jx], column):
-                        block = block - sum(column_products[s, column] for s in mine)
+                read_y, read_x = todo.reads_y[jy], todo.reads_x[jx]
+                block = _over_reads(segment_products, column_products, shift.segments, shift.columns, read_y, read_x)
                 # The block of offsets (j + e, j) is (sum_u x_u x_(u+e)^T)^T, u over the positions j reads.
                 k1, k2 = (jy + shift.ey) * kw + jx + shift.ex, jy * kw + jx
                 total[k1 * channels : (k1 + 1) * channels, k2 * channels : (k2 + 1) * channels] += block.T
-    flops.add(shifted_flops(layer.module, image.batch, image.height, image.width), total.dtype, total.device)
+    flops.add(shifted_flops(todo, image.batch, image.run, channels), total.dtype, total.device)
     if layer.has_bias:
-        _add_bias_column(total, image, kh, kw, rows_of, column_of)
-
-
-def _add_bias_column(total: torch.Tensor, image: ShiftedInput, kh: int, kw: int, rows_of, column_of) -> None:
-    """The bias column's row: sum_t a_t per offset (the input summed over the positions it reads), and the count
-    of rows (the bias column's own entry)."""
-    todo, channels = image.plan, image.flat.shape[1]
-    segment_sums = {s: rows_of(s, 0).sum(dim=0) for s in todo.segments}
-    column_sums = {(s, c): column_of(s, c, 0).sum(dim=0) for s in todo.segments for c in todo.skipped}
-    for jy in range(kh):
-        mine = [s for s in todo.segments if _inside(s, todo.reads_y[jy])]
-        for jx in range(kw):
-            read = sum(segment_sums[s] for s in mine)
-            for column in todo.skipped:
-                if not _reads_column(todo.reads_x[jx], column):
-                    read = read - sum(column_sums[s, column] for s in mine)
-            k = jy * kw + jx
+        # The bias column's row: sum_t a_t per offset (the input summed over the positions it reads), then the
+        # count of rows (the bias column's own entry).
+        segment_sums = {s: rows_of(s, 0).sum(dim=0) for s in todo.segments}
+        column_sums = {(s, c): column_of(s, c, 0).sum(dim=0) for s in todo.segments for c in todo.skipped}
+        for k, (read_y, read_x) in enumerate(itertools.product(todo.reads_y, todo.reads_x)):
+            read = _over_reads(segment_sums, column_sums, todo.segments, todo.skipped, read_y, read_x)
             total[-1, k * channels : (k + 1) * channels] += read
-    total[-1, -1] += image.batch * todo.positions
+        total[-1, -1] += image.batch * todo.positions
