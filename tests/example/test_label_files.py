@@ -131,15 +131,15 @@ def test_train_reads_the_release_file(tmp_path, fake_cifar_dir):
 
 def test_missing_checkpoint_hint_runs_as_printed(tmp_path, fake_cifar_dir):
     checkpoints = tmp_path / "checkpoints"
-    common = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(checkpoints), "--num_train", "40"]
+    common = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(checkpoints), "--num_train", "8"]
     result = run("detect_mislabeled_dataset.py", *common, "--corrupt_percentage", "0.2", expect=2)
     command = result.stderr.split("run train.py first: ", 1)[1].strip()
     assert command.startswith("python train.py ") and "--corrupt_percentage 0.2" in command, command
     missing = checkpoints / "model_corrupt_0.2.safetensors"
     assert str(missing) in result.stderr and not missing.exists()
-    run("train.py", *command.split()[2:])  # exactly as printed: 25 epochs of one 40-image batch
+    run("train.py", *command.split()[2:])  # exactly as printed: 25 epochs of one 8-image batch
     assert missing.is_file()
 
     result = run("analyze.py", *common, expect=2)
     command = result.stderr.split("run train.py first: ", 1)[1].strip()
-    assert command == f"python train.py --dataset_dir {fake_cifar_dir} --checkpoint_dir {checkpoints} --num_train 40"
+    assert command == f"python train.py --dataset_dir {fake_cifar_dir} --checkpoint_dir {checkpoints} --num_train 8"
