@@ -284,7 +284,7 @@ def _train(*args: str) -> subprocess.CompletedProcess:
 def test_train_end_to_end(fake_cifar_dir, tmp_path):
     ckpt_dir = tmp_path / "new" / "checkpoints"  # does not exist yet
     common = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(ckpt_dir), "--train_batch_size", "64"]
-    result = _train(*common, "--num_train_epochs", "2", "--num_train", "128")
+    result = _train(*common, "--num_train_epochs", "1", "--num_train", "64")
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout
     model = load_model(ckpt_dir / "model.safetensors", "cpu")
