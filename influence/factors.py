@@ -69,7 +69,7 @@ def syrk_update(total: torch.Tensor, rows: torch.Tensor) -> None:
     whichever kernel runs.
     """
     count, dim = rows.shape
-    flops.add(count * dim * (dim + 1), total.dtype, total.device)
+    flops.add(flops.symmetric_update(count, dim), total.dtype, total.device)
     if total.device.type != "cpu" or total.dtype not in (torch.float32, torch.float64):
         total.addmm_(rows.T, rows)
         return

@@ -41,6 +41,11 @@ def add(flops: float, dtype: torch.dtype, device: torch.device | str | None = No
     _count[key] = _count.get(key, 0) + int(flops)
 
 
+def symmetric_update(rows: int, columns: int) -> int:
+    """FLOPs of rows^T rows for a [rows, columns] matrix, lower triangle and diagonal only: the least it needs."""
+    return rows * columns * (columns + 1)
+
+
 def read() -> dict[Precision, int]:
     return dict(_count)
 

@@ -125,7 +125,7 @@ def _worth_shifting(layer: Layer, x: torch.Tensor) -> Plan | None:
     todo = plan(module, height, width)
     if todo.positions < 1:
         return None
-    patches = batch * todo.positions * layer.in_dim * (layer.in_dim + 1)
+    patches = flops.symmetric_update(batch * todo.positions, layer.in_dim)
     return todo if shifted_flops(todo, batch, _run(module, width), channels) < patches else None
 
 
