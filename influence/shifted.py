@@ -1,21 +1,25 @@
-"""A stride-1 convolution's activation covariance A^T A from shifted products of its input, without patches.
+"""A convolution's activation covariance A^T A from shifted products of its input, without patches.
 
-The patches a of a convolution hold, in the column block of kernel offset j, the input at t + j*dilation -
-padding for each output position t. The block of A^T A for offsets (j1, j2) is therefore a sum of x_u x_(u+e)^T
-over the input positions u that offset j2 reads, with e = (j1 - j2) * dilation: blocks that share a shift e
-share their products, up to which positions they sum over. A 3x3 kernel has 13 shifts e >= 0 (in raster order)
-for the 45 blocks of the lower triangle, so the products cost 2 * 13 * n * C^2 FLOPs for n input positions and
-C channels, against 81 * n * C^2 for the symmetric update of the patches (9C columns), and the patches, nine
-copies of the input, are never gathered.
+Along each axis, kernel offset j of a convolution with stride s reads, for output position t, the input at
+s * t + r with r = j * dilation - padding: the input's phase p = r mod s (every s-th row or column, from p) at
+t + q, q = (r - p) / s. So the patches a hold, in the column block of offset j, a phase of the input shifted by
+q, and the block of A^T A for offsets (j1, j2) is a sum of x_u x'_(u+e)^T over the positions u that offset j2
+reads in its phase, with x' the phase offset j1 reads and e = q1 - q2. Blocks that share their two phases and
+their shift e share their products, up to which positions they sum over. With stride 1 there is one phase and a
+3x3 kernel has 13 shifts e >= 0 (in raster order) for the 45 blocks of the lower triangle: the products cost
+2 * 13 * n * C^2 FLOPs for n input positions and C channels, against 81 * n * C^2 for the symmetric update of the
+patches (9C columns). A 5x5 kernel with stride 2 reads 4 phases, each with a quarter of the positions, through
+130 products for its 325 blocks: 2.5 times fewer FLOPs. The patches, kh * kw copies of the input (over s^2),
+are never gathered.
 
-Which positions each block sums over is handled in two steps. Rows: the input's rows are cut into segments at
+Which positions each block sums over is handled in two steps. Rows: the phases' rows are cut into segments at
 every offset's first and last row read, so each offset reads whole segments. Columns: every offset reads all
-columns but a few at the edges (one for a 3x3 kernel with padding 1), whose products are subtracted.
+columns of its phase but a few at the edges (one for a 3x3 kernel with padding 1), whose products are subtracted.
 
-The input is laid out as [H + pad rows, B, W + pad columns, C], zero-filled, and flattened to rows of C values:
-a shift e is then a constant offset in rows, so every product is a matrix product of two slices of one tensor
-(the columns as a strided slice), with no copy. The zero rows and columns take the shifted positions that fall
-outside the input, which the convolution's zero padding reads as zeros.
+Each phase is laid out as [rows + pad rows, B, columns + pad columns, C], zero-filled, and flattened to rows of
+C values, all phases alike: a shift e is then a constant offset in rows, so every product is a matrix product of
+two slices of two such tensors (the columns as a strided slice), with no copy. The zero rows and columns take the
+shifted positions that fall outside the input, which the convolution's zero padding reads as zeros.
 """
 
 from __future__ import annotations
@@ -32,67 +36,124 @@ from influence.modules import Layer, conv_padding, input_patches
 MIN_CHANNELS = 16  # below this, the per-shift products are too small to run at the matrix-product rate
 
 
-def _reads(size: int, kernel: int, dilation: int, before: int, out: int) -> list[tuple[int, int]]:
-    """[first, last) input index each kernel offset reads along one axis, clipped to the input."""
-    return [(max(0, j * dilation - before), min(size, j * dilation - before + out)) for j in range(kernel)]
+@dataclass(frozen=True)
+class Read:
+    """What one kernel offset reads along one axis: the phase, the shift q of output position 0 in the phase's
+    positions, and the positions [first, last) it reads there, clipped to the input."""
+
+    phase: int
+    shift: int
+    first: int
+    last: int
 
 
-def _inside(segment: tuple[int, int], read: tuple[int, int]) -> bool:
-    return read[0] <= segment[0] and segment[1] <= read[1]
+def _reads(size: int, kernel: int, dilation: int, stride: int, before: int, out: int) -> list[Read]:
+    reads = []
+    for j in range(kernel):
+        phase, shift = (j * dilation - before) % stride, (j * dilation - before) // stride
+        length = len(range(phase, size, stride))
+        reads.append(Read(phase, shift, max(0, shift), max(0, min(length, shift + out))))
+    return reads
 
 
-def _reads_column(read: tuple[int, int], column: int) -> bool:
-    return read[0] <= column < read[1]
+def _inside(segment: tuple[int, int], read: Read) -> bool:
+    return read.first <= segment[0] and segment[1] <= read.last
+
+
+def _reads_column(read: Read, column: int) -> bool:
+    return read.first <= column < read.last
+
+
+@dataclass(frozen=True)
+class Block:
+    """A block of A^T A that a shift's products fill: the column blocks (k1 >= k2) of the offsets it stands for,
+    what its base offset reads, and whether it is the products' transpose (base offset j1) or not (j2)."""
+
+    k1: int
+    k2: int
+    read_y: Read
+    read_x: Read
+    base_is_j1: bool
 
 
 @dataclass(frozen=True)
 class Shift:
-    """One shift e = (ey, ex) in kernel offsets, e >= 0 in raster order, and the products it needs."""
+    """The products between the base phase at u and the shifted phase at u + e, e >= 0 in raster order (or e = 0
+    and base <= shifted): the blocks they fill and the row segments and skipped columns they need."""
 
+    base: tuple[int, int]  # (phase y, phase x)
+    shifted: tuple[int, int]
     ey: int
     ex: int
-    bases_y: range  # the offsets j whose j + e is an offset too: the blocks (j + e, j) it fills
-    bases_x: range
-    segments: list[tuple[int, int]]  # the row segments some base reads
-    columns: list[int]  # the columns some base skips
+    blocks: list[Block]
+    segments: list[tuple[int, int]]  # the row segments some block's base offset reads
+    columns: list[int]  # the columns (of the base phase) some block's base offset skips
 
 
 @dataclass(frozen=True)
 class Plan:
     """What add_shifted computes for one convolution and input size (see the module's docstring)."""
 
-    reads_y: list[tuple[int, int]]  # per kernel offset, the input rows [first, last) it reads
-    reads_x: list[tuple[int, int]]
+    reads_y: list[Read]  # per kernel offset along the height
+    reads_x: list[Read]
+    stride: tuple[int, int]
+    rows: int  # the layout's rows per phase: the longest phase, then the pad rows the largest shift reaches
+    run: int  # the layout's columns per (row, example): the widest phase, then the pad columns
+    pad_rows: int
+    pad_columns: int
     segments: list[tuple[int, int]]
     skipped: list[int]  # the columns some offset skips
     shifts: list[Shift]
     positions: int  # output positions per example
 
 
+def _skipped(read: Read, width: int) -> list[int]:
+    return [c for c in range(width) if not _reads_column(read, c)]
+
+
 def plan(module: nn.Conv2d, height: int, width: int) -> Plan:
     top, bottom, left, right = conv_padding(module)
-    (kh, kw), (dh, dw) = module.kernel_size, module.dilation
-    out_h, out_w = height + top + bottom - dh * (kh - 1), width + left + right - dw * (kw - 1)
-    reads_y, reads_x = _reads(height, kh, dh, top, out_h), _reads(width, kw, dw, left, out_w)
+    (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+    out_h = max((height + top + bottom - dh * (kh - 1) - 1) // sh + 1, 0)
+    out_w = max((width + left + right - dw * (kw - 1) - 1) // sw + 1, 0)
+    reads_y, reads_x = _reads(height, kh, dh, sh, top, out_h), _reads(width, kw, dw, sw, left, out_w)
+    phase_rows, phase_columns = -(-height // sh), -(-width // sw)  # the longest phase along each axis
+    pad_rows = max(r.shift for r in reads_y) - min(r.shift for r in reads_y)
+    pad_columns = max(r.shift for r in reads_x) - min(r.shift for r in reads_x)
+    widths = [len(range(p, width, sw)) for p in range(sw)]
     # Rows cut at every offset's first and last row read: each offset reads a run of whole segments.
-    cuts = sorted({bound for read in reads_y for bound in read})
+    cuts = sorted({bound for read in reads_y for bound in (read.first, read.last)})
     segments = [s for s in zip(cuts, cuts[1:], strict=False) if any(_inside(s, read) for read in reads_y)]
-    skipped = sorted({c for read in reads_x for c in range(width) if not _reads_column(read, c)})
+    skipped = sorted({c for read in reads_x for c in _skipped(read, widths[read.phase])})
+    # Every block of the lower triangle, keyed by the products it is made of.
+    by_shift: dict[tuple, list[Block]] = {}
+    offsets = list(itertools.product(range(kh), range(kw)))
+    for k1, (j1y, j1x) in enumerate(offsets):
+        for k2, (j2y, j2x) in enumerate(offsets[: k1 + 1]):
+            one, two = (reads_y[j1y], reads_x[j1x]), (reads_y[j2y], reads_x[j2x])
+            ey, ex = one[0].shift - two[0].shift, one[1].shift - two[1].shift
+            phases = (one[0].phase, one[1].phase), (two[0].phase, two[1].phase)
+            base_is_j1 = (ey, ex) < (0, 0) or ((ey, ex) == (0, 0) and phases[0] < phases[1])
+            base, shifted = (one, two) if base_is_j1 else (two, one)
+            if base_is_j1:
+                ey, ex = -ey, -ex
+            key = ((base[0].phase, base[1].phase), (shifted[0].phase, shifted[1].phase), ey, ex)
+            by_shift.setdefault(key, []).append(Block(k1, k2, base[0], base[1], base_is_j1))
     shifts = []
-    for ey in range(kh):
-        for ex in range(-kw + 1, kw):
-            if ey == 0 and ex < 0:
-                continue  # e < 0: its blocks are the transposes of -e's, in the upper triangle
-            bases_y, bases_x = range(kh - ey), range(max(0, -ex), min(kw, kw - ex))
-            used = [s for s in segments if any(_inside(s, reads_y[j]) for j in bases_y)]
-            columns = [c for c in skipped if any(not _reads_column(reads_x[j], c) for j in bases_x)]
-            shifts.append(Shift(ey, ex, bases_y, bases_x, used, columns))
-    return Plan(reads_y, reads_x, segments, skipped, shifts, max(out_h, 0) * max(out_w, 0))
+    for (base, shifted, ey, ex), blocks in by_shift.items():
+        used = [s for s in segments if any(_inside(s, block.read_y) for block in blocks)]
+        columns = sorted({c for block in blocks for c in _skipped(block.read_x, widths[base[1]])})
+        if used:
+            shifts.append(Shift(base, shifted, ey, ex, blocks, used, columns))
+    return Plan(
+        reads_y, reads_x, (sh, sw), phase_rows + pad_rows, phase_columns + pad_columns, pad_rows, pad_columns,
+        segments, skipped, shifts, out_h * out_w,
+    )  # fmt: skip
 
 
-def shifted_flops(todo: Plan, batch: int, run: int, channels: int) -> int:
+def shifted_flops(todo: Plan, batch: int, channels: int) -> int:
     """FLOPs of add_shifted's products for one batch: each shift's row segments and skipped columns."""
-    rows = sum((hi - lo) * batch * (run + len(shift.columns)) for shift in todo.shifts for lo, hi in shift.segments)
+    rows = sum((hi - lo) * batch * (todo.run + len(s.columns)) for s in todo.shifts for lo, hi in s.segments)
     return 2 * rows * channels**2
 
 
@@ -100,47 +161,46 @@ def shifted_flops(todo: Plan, batch: int, run: int, channels: int) -> int:
 class ShiftedInput:
     """A convolution's input laid out for shifted products (see the module's docstring), and its plan."""
 
-    flat: torch.Tensor  # [margin + (H + pad rows) * B * run + margin, C], zero outside the input
+    phases: dict[tuple[int, int], torch.Tensor]  # per phase, [margin + rows * B * run + margin, C], zero outside
     batch: int
-    run: int  # W + pad columns: rows of `flat` per (input row, example)
     margin: int
     plan: Plan
 
 
-def _run(module: nn.Conv2d, width: int) -> int:
-    """Rows of the layout per (input row, example): the row and the pad columns the widest shift reaches."""
-    return width + (module.kernel_size[1] - 1) * module.dilation[1]
-
-
 def _worth_shifting(layer: Layer, x: torch.Tensor) -> Plan | None:
-    """The plan where shifted products beat the patches' symmetric update for this layer and input (a stride-1
-    convolution on the CPU, wide enough for fast products (MIN_CHANNELS), in fewer FLOPs), else None. (On a 2-core
-    AVX2 EPYC, ResNet-9's 3x3 layers ran 1.2 to 3 times faster so, the layout's copy included.)"""
+    """The plan where shifted products beat the patches' symmetric update for this layer and input (a convolution
+    on the CPU, wide enough for fast products (MIN_CHANNELS), in fewer FLOPs), else None. (On a 2-core AVX2 EPYC,
+    ResNet-9's 3x3 layers ran 1.2 to 3 times faster so, and its 5x5 stride-2 layer 1.2 to 1.5 times, the
+    layout's copy included.)"""
     module = layer.module
     if not isinstance(module, nn.Conv2d) or x.device.type != "cpu" or x.dim() != 4:
         return None
-    if tuple(module.stride) != (1, 1) or module.in_channels < MIN_CHANNELS or module.weight[0, 0].numel() == 1:
+    if module.in_channels < MIN_CHANNELS or module.weight[0, 0].numel() == 1:
         return None
     batch, channels, height, width = x.shape
     todo = plan(module, height, width)
     if todo.positions < 1:
         return None
     patches = flops.symmetric_update(batch * todo.positions, layer.in_dim)
-    return todo if shifted_flops(todo, batch, _run(module, width), channels) < patches else None
+    return todo if shifted_flops(todo, batch, channels) < patches else None
 
 
 def shifted_input(layer: Layer, x: torch.Tensor, todo: Plan | None = None) -> ShiftedInput:
-    """x ([B, C, H, W]) laid out for add_shifted: one copy of the input, against kh * kw for its patches.
+    """x ([B, C, H, W]) laid out for add_shifted: one copy of the input, against kh * kw / s^2 for its patches.
     `todo`: the plan for this input size, if made already."""
-    module = layer.module
     batch, channels, height, width = x.shape
-    run = _run(module, width)
-    pad_cols, pad_rows = run - width, (module.kernel_size[0] - 1) * module.dilation[0]
-    body = (height + pad_rows) * batch * run
-    flat = x.new_zeros(pad_cols + body + pad_cols, channels)
-    grid = flat[pad_cols : pad_cols + body].view(height + pad_rows, batch, run, channels)
-    grid[:height, :, :width].copy_(x.permute(2, 0, 3, 1))
-    return ShiftedInput(flat, batch, run, pad_cols, todo or plan(module, height, width))
+    todo = todo or plan(layer.module, height, width)
+    (sh, sw), margin = todo.stride, todo.pad_columns
+    body = todo.rows * batch * todo.run
+    phases = {}
+    for py, px in sorted({(b.read_y.phase, b.read_x.phase) for s in todo.shifts for b in s.blocks}
+                         | {(s.shifted[0], s.shifted[1]) for s in todo.shifts}):  # fmt: skip
+        flat = x.new_zeros(margin + body + margin, channels)
+        grid = flat[margin : margin + body].view(todo.rows, batch, todo.run, channels)
+        phase = x[:, :, py::sh, px::sw]
+        grid[: phase.shape[2], :, : phase.shape[3]].copy_(phase.permute(2, 0, 3, 1))
+        phases[py, px] = flat
+    return ShiftedInput(phases, batch, margin, todo)
 
 
 def covariance_input(layer: Layer, x: torch.Tensor) -> torch.Tensor | ShiftedInput:
@@ -151,7 +211,7 @@ def covariance_input(layer: Layer, x: torch.Tensor) -> torch.Tensor | ShiftedInp
 
 
 def _over_reads(
-    by_segment: dict, by_column: dict, segments: list, columns: list, read_y: tuple[int, int], read_x: tuple[int, int]
+    by_segment: dict, by_column: dict, segments: list, columns: list, read_y: Read, read_x: Read
 ) -> torch.Tensor:
     """The sum of a per-segment quantity over the positions one kernel offset reads: its row segments, less the
     columns among `columns` it skips."""
@@ -166,40 +226,60 @@ def _over_reads(
 def add_shifted(total: torch.Tensor, layer: Layer, image: ShiftedInput) -> None:
     """total += A^T A for the layer's patches of `image`, in the engine's column order ((kh, kw, C), then the bias
     column), filling the lower triangle and the diagonal blocks (symmetrise with factors.symmetrised)."""
-    kw, (dh, dw) = layer.module.kernel_size[1], layer.module.dilation
-    flat, channels, todo = image.flat, image.flat.shape[1], image.plan
-    per_row = image.batch * image.run  # rows of `flat` per input row
+    todo = image.plan
+    channels = next(iter(image.phases.values())).shape[1]
+    per_row = image.batch * todo.run  # rows of a phase's layout per row of the phase
 
-    def rows_of(segment: tuple[int, int], shift: int) -> torch.Tensor:
+    def rows_of(phase: tuple[int, int], segment: tuple[int, int], shift: int) -> torch.Tensor:
         start = image.margin + segment[0] * per_row + shift
-        return flat[start : start + (segment[1] - segment[0]) * per_row]
+        return image.phases[phase][start : start + (segment[1] - segment[0]) * per_row]
 
-    def column_of(segment: tuple[int, int], column: int, shift: int) -> torch.Tensor:
+    def column_of(phase: tuple[int, int], segment: tuple[int, int], column: int, shift: int) -> torch.Tensor:
         # One column of every (row, example) run of the segment: a strided matrix, no copy.
+        flat = image.phases[phase]
         offset = flat.storage_offset() + (image.margin + segment[0] * per_row + column + shift) * channels
         shape = ((segment[1] - segment[0]) * image.batch, channels)
-        return flat.as_strided(shape, (image.run * channels, 1), offset)
+        return flat.as_strided(shape, (todo.run * channels, 1), offset)
 
     for shift in todo.shifts:
-        offset = shift.ey * dh * per_row + shift.ex * dw
-        segment_products = {s: rows_of(s, 0).T @ rows_of(s, offset) for s in shift.segments}
+        offset = shift.ey * per_row + shift.ex
+        base, shifted = shift.base, shift.shifted
+        segment_products = {s: rows_of(base, s, 0).T @ rows_of(shifted, s, offset) for s in shift.segments}
         column_products = {
-            (s, c): column_of(s, c, 0).T @ column_of(s, c, offset) for s in shift.segments for c in shift.columns
+            (s, c): column_of(base, s, c, 0).T @ column_of(shifted, s, c, offset)
+            for s in shift.segments
+            for c in shift.columns
         }
-        for jy in shift.bases_y:
-            for jx in shift.bases_x:
-                read_y, read_x = todo.reads_y[jy], todo.reads_x[jx]
-                block = _over_reads(segment_products, column_products, shift.segments, shift.columns, read_y, read_x)
-                # The block of offsets (j + e, j) is (sum_u x_u x_(u+e)^T)^T, u over the positions j reads.
-                k1, k2 = (jy + shift.ey) * kw + jx + shift.ex, jy * kw + jx
-                total[k1 * channels : (k1 + 1) * channels, k2 * channels : (k2 + 1) * channels] += block.T
-    flops.add(shifted_flops(todo, image.batch, image.run, channels), total.dtype, total.device)
+        for block in shift.blocks:
+            # sum_u x_u x'_(u+e)^T over the positions u the base offset reads: block (k1, k2) when the base is j1,
+            # its transpose when the base is j2.
+            product = _over_reads(
+                segment_products, column_products, shift.segments, shift.columns, block.read_y, block.read_x
+            )
+            if isinstance(product, int):
+                continue
+            rows, columns = (
+                slice(block.k1 * channels, (block.k1 + 1) * channels),
+                slice(block.k2 * channels, (block.k2 + 1) * channels),
+            )
+            total[rows, columns] += product if block.base_is_j1 else product.T
+    flops.add(shifted_flops(todo, image.batch, channels), total.dtype, total.device)
     if layer.has_bias:
-        # The bias column's row: sum_t a_t per offset (the input summed over the positions it reads), then the
+        # The bias column's row: sum_t a_t per offset (its phase summed over the positions it reads), then the
         # count of rows (the bias column's own entry).
-        segment_sums = {s: rows_of(s, 0).sum(dim=0) for s in todo.segments}
-        column_sums = {(s, c): column_of(s, c, 0).sum(dim=0) for s in todo.segments for c in todo.skipped}
+        segment_sums = {(p, s): rows_of(p, s, 0).sum(dim=0) for p in image.phases for s in todo.segments}
+        column_sums = {
+            (p, s, c): column_of(p, s, c, 0).sum(dim=0)
+            for p in image.phases
+            for s in todo.segments
+            for c in todo.skipped
+        }
         for k, (read_y, read_x) in enumerate(itertools.product(todo.reads_y, todo.reads_x)):
-            read = _over_reads(segment_sums, column_sums, todo.segments, todo.skipped, read_y, read_x)
+            phase = (read_y.phase, read_x.phase)
+            if phase not in image.phases:
+                continue
+            by_segment = {s: segment_sums[phase, s] for s in todo.segments}
+            by_column = {(s, c): column_sums[phase, s, c] for s in todo.segments for c in todo.skipped}
+            read = _over_reads(by_segment, by_column, todo.segments, todo.skipped, read_y, read_x)
             total[-1, k * channels : (k + 1) * channels] += read
         total[-1, -1] += image.batch * todo.positions

@@ -312,8 +312,10 @@ def test_the_covariance_update_tries_every_cpu_kernel_and_keeps_the_fastest(monk
         torch.testing.assert_close(symmetrised(total).double(), expected, rtol=rtol, atol=atol)
 
 
-# Stride-1 convolutions whose covariance comes from shifted products: paddings that read every column (1), skip
-# some (0), reach past the input (3 on 3x3), asymmetric ('same' with an even kernel), dilations, non-square.
+# Convolutions whose covariance comes from shifted products: paddings that read every column (1), skip some (0),
+# reach past the input (3 on 3x3), asymmetric ('same' with an even kernel), dilations, non-square; strides that
+# split the input into phases (ResNet-9's 5x5 stride 2), per axis, with a stride above the kernel (a phase no
+# offset reads) and with an odd input size (phases of unequal length).
 SHIFTED = [
     dict(kernel_size=3, padding=1),
     dict(kernel_size=3, padding=0),
@@ -322,6 +324,11 @@ SHIFTED = [
     dict(kernel_size=3, padding=3),
     dict(kernel_size=(2, 3), padding="valid"),
     dict(kernel_size=4, padding="same", dilation=(1, 2)),
+    dict(kernel_size=5, padding=2, stride=2),
+    dict(kernel_size=3, padding=1, stride=2),
+    dict(kernel_size=(3, 4), padding=(0, 1), stride=(1, 2)),
+    dict(kernel_size=2, padding=1, stride=3),
+    dict(kernel_size=3, padding=2, stride=2, dilation=(1, 2)),
 ]
 
 
@@ -336,7 +343,7 @@ def unfolded_by_torch(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     else:
         ph, pw = (0, 0) if conv.padding == "valid" else conv.padding
         pad = (pw, pw, ph, ph)
-    a = F.unfold(F.pad(x, pad), conv.kernel_size, dilation=conv.dilation).transpose(1, 2)
+    a = F.unfold(F.pad(x, pad), conv.kernel_size, dilation=conv.dilation, stride=conv.stride).transpose(1, 2)
     if conv.bias is not None:
         a = torch.cat([a, torch.ones(*a.shape[:2], 1, dtype=a.dtype)], 2)
     return a.reshape(-1, a.shape[-1])
@@ -364,9 +371,10 @@ def test_shifted_products_give_the_patches_covariance(geometry, bias):
     assert relative_error(layer.to_weight_order(symmetrised(total), dims=(0, 1)), a.T @ a) < 1e-13
 
 
-def test_the_covariance_pass_shifts_the_wide_stride_1_convolutions_only(tmp_path):
-    """On the CPU the covariance pass takes shifted products for a wide stride-1 convolution, patches for the
-    stride-2, narrow and 1x1 ones, and the fitted covariances are their definitions either way."""
+def test_the_covariance_pass_shifts_the_convolutions_where_that_takes_fewer_flops(tmp_path):
+    """On the CPU the covariance pass takes shifted products for wide convolutions where they take fewer FLOPs
+    than the patches (a 3x3 and a 5x5 with stride 2), patches for the narrow, 1x1 and 3x3 stride-2 ones (about as
+    many FLOPs either way), and the fitted covariances are their definitions either way."""
     from influence.modules import find_layers
     from influence.shifted import ShiftedInput, covariance_input
 
@@ -376,11 +384,13 @@ def test_the_covariance_pass_shifts_the_wide_stride_1_convolutions_only(tmp_path
         torch.nn.Tanh(),
         torch.nn.Conv2d(16, 16, 3, padding=1, bias=False),  # shifted
         torch.nn.Tanh(),
-        torch.nn.Conv2d(16, 16, 3, stride=2, padding=1),  # stride 2
+        torch.nn.Conv2d(16, 16, 5, stride=2, padding=2),  # shifted, in four phases
+        torch.nn.Tanh(),
+        torch.nn.Conv2d(16, 16, 3, stride=2, padding=1),  # no fewer FLOPs shifted
         torch.nn.Tanh(),
         torch.nn.Conv2d(16, 8, 1),  # 1x1
         torch.nn.Flatten(),
-        torch.nn.Linear(8 * 16, 3),
+        torch.nn.Linear(8 * 4, 3),
     ).double()
     x, y = torch.randn(12, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (12,))
     shifted = {}
@@ -392,7 +402,7 @@ def test_the_covariance_pass_shifts_the_wide_stride_1_convolutions_only(tmp_path
     model(x)
     for handle in handles:
         handle.remove()
-    assert [name for name, inputs in shifted.items() if isinstance(inputs, ShiftedInput)] == ["2"]
+    assert [name for name, inputs in shifted.items() if isinstance(inputs, ShiftedInput)] == ["2", "4"]
     analyzer = Analyzer("test", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
     args = FactorArguments(strategy="kfac", use_empirical_fisher=True)
     factors = analyzer.fit_all_factors("kfac", batches(x, y, 5), args)
