@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 
 from example.checkpoints import checkpoint_path, load_model, train_command
 from example.errors import PipelineError
@@ -121,6 +120,8 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
         raise PipelineError("the ROC AUC needs both mislabeled and correctly labeled examples")
     if not np.isfinite(scores).all():
         raise PipelineError("the ROC AUC needs finite scores")
+    from scipy.stats import rankdata  # here: importing scipy.stats takes about a second of every start
+
     ranks = rankdata(scores)  # ties get their average rank
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
