@@ -371,6 +371,20 @@ def test_shifted_products_give_the_patches_covariance(geometry, bias):
     assert relative_error(layer.to_weight_order(symmetrised(total), dims=(0, 1)), a.T @ a) < 1e-13
 
 
+def test_a_convolution_that_reads_only_padding_takes_the_patches():
+    """Where no kernel offset reads the input (every patch is padding), there is nothing to shift: the covariance
+    pass takes the patches, whose covariance is zero but for the bias."""
+    from influence.modules import find_layers
+    from influence.shifted import covariance_input
+
+    conv = torch.nn.Conv2d(16, 4, 2, stride=3, padding=4, dilation=(3, 1)).double()
+    (layer,) = find_layers(torch.nn.Sequential(conv), None)
+    x = torch.randn(2, 16, 2, 2, dtype=torch.float64)
+    a = covariance_input(layer, x)
+    assert isinstance(a, torch.Tensor) and a.shape == (2, conv(x)[0, 0].numel(), layer.in_dim)
+    assert (a[..., :-1] == 0).all() and (a[..., -1] == 1).all()
+
+
 def test_the_covariance_pass_shifts_the_convolutions_where_that_takes_fewer_flops(tmp_path):
     """On the CPU the covariance pass takes shifted products for wide convolutions where they take fewer FLOPs
     than the patches (a 3x3 and a 5x5 with stride 2), patches for the narrow, 1x1 and 3x3 stride-2 ones (about as
