@@ -100,8 +100,7 @@ class Plan:
     stride: tuple[int, int]
     rows: int  # the layout's rows per phase: the longest phase, then the pad rows the largest shift reaches
     run: int  # the layout's columns per (row, example): the widest phase, then the pad columns
-    pad_rows: int
-    pad_columns: int
+    pad_columns: int  # also the layout's margin before and after, for shifts that reach left of column 0
     segments: list[tuple[int, int]]
     skipped: list[int]  # the columns some offset skips
     shifts: list[Shift]
@@ -147,7 +146,7 @@ def plan(module: nn.Conv2d, height: int, width: int) -> Plan:
         if used:
             shifts.append(Shift(base, shifted, ey, ex, blocks, used, columns))
     return Plan(
-        reads_y, reads_x, (sh, sw), phase_rows + pad_rows, phase_columns + pad_columns, pad_rows, pad_columns,
+        reads_y, reads_x, (sh, sw), phase_rows + pad_rows, phase_columns + pad_columns, pad_columns,
         segments, skipped, shifts, out_h * out_w,
     )  # fmt: skip
 
@@ -195,8 +194,7 @@ def shifted_input(layer: Layer, x: torch.Tensor, todo: Plan | None = None) -> Sh
     (sh, sw), margin = todo.stride, todo.pad_columns
     body = todo.rows * batch * todo.run
     phases = {}
-    for py, px in sorted({(b.read_y.phase, b.read_x.phase) for s in todo.shifts for b in s.blocks}
-                         | {(s.shifted[0], s.shifted[1]) for s in todo.shifts}):  # fmt: skip
+    for py, px in sorted({s.base for s in todo.shifts} | {s.shifted for s in todo.shifts}):
         flat = x.new_zeros(margin + body + margin, channels)
         grid = flat[margin : margin + body].view(todo.rows, batch, todo.run, channels)
         phase = x[:, :, py::sh, px::sw]
@@ -229,7 +227,7 @@ def add_shifted(total: torch.Tensor, layer: Layer, image: ShiftedInput) -> None:
     """total += A^T A for the layer's patches of `image`, in the engine's column order ((kh, kw, C), then the bias
     column), filling the lower triangle and the diagonal blocks (symmetrise with factors.symmetrised)."""
     todo = image.plan
-    channels = next(iter(image.phases.values())).shape[1]
+    channels = layer.module.in_channels  # not read from a phase: a plan whose offsets read only padding has none
     per_row = image.batch * todo.run  # rows of a phase's layout per row of the phase
 
     def rows_of(phase: tuple[int, int], segment: tuple[int, int], shift: int) -> torch.Tensor:
@@ -258,7 +256,7 @@ def add_shifted(total: torch.Tensor, layer: Layer, image: ShiftedInput) -> None:
             product = _over_reads(
                 segment_products, column_products, shift.segments, shift.columns, block.read_y, block.read_x
             )
-            if isinstance(product, int):
+            if isinstance(product, int):  # the base offset reads no segment: an empty sum, the block is zero
                 continue
             rows, columns = (
                 slice(block.k1 * channels, (block.k1 + 1) * channels),
@@ -269,19 +267,15 @@ def add_shifted(total: torch.Tensor, layer: Layer, image: ShiftedInput) -> None:
     if layer.has_bias:
         # The bias column's row: sum_t a_t per offset (its phase summed over the positions it reads), then the
         # count of rows (the bias column's own entry).
-        segment_sums = {(p, s): rows_of(p, s, 0).sum(dim=0) for p in image.phases for s in todo.segments}
+        segment_sums = {p: {s: rows_of(p, s, 0).sum(dim=0) for s in todo.segments} for p in image.phases}
         column_sums = {
-            (p, s, c): column_of(p, s, c, 0).sum(dim=0)
+            p: {(s, c): column_of(p, s, c, 0).sum(dim=0) for s in todo.segments for c in todo.skipped}
             for p in image.phases
-            for s in todo.segments
-            for c in todo.skipped
         }
         for k, (read_y, read_x) in enumerate(itertools.product(todo.reads_y, todo.reads_x)):
             phase = (read_y.phase, read_x.phase)
-            if phase not in image.phases:
+            if phase not in image.phases:  # a phase no block reads: this offset reads only padding
                 continue
-            by_segment = {s: segment_sums[phase, s] for s in todo.segments}
-            by_column = {(s, c): column_sums[phase, s, c] for s in todo.segments for c in todo.skipped}
-            read = _over_reads(by_segment, by_column, todo.segments, todo.skipped, read_y, read_x)
+            read = _over_reads(segment_sums[phase], column_sums[phase], todo.segments, todo.skipped, read_y, read_x)
             total[-1, k * channels : (k + 1) * channels] += read
         total[-1, -1] += image.batch * todo.positions
