@@ -281,21 +281,6 @@ def _train(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_train_end_to_end(fake_cifar_dir, tmp_path):
-    ckpt_dir = tmp_path / "new" / "checkpoints"  # does not exist yet
-    common = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(ckpt_dir), "--train_batch_size", "64"]
-    result = _train(*common, "--num_train_epochs", "1", "--num_train", "64")
-    assert result.returncode == 0, result.stderr
-    assert "test accuracy" in result.stdout
-    model = load_model(ckpt_dir / "model.safetensors", "cpu")
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
-
-    result = _train(*common, "--num_train_epochs", "1", "--num_train", "64", "--corrupt_percentage", "0.1")
-    assert result.returncode == 0, result.stderr
-    assert "(7 with changed labels)" in result.stdout
-    assert (ckpt_dir / "model_corrupt_0.1.safetensors").is_file()
-
-
 def test_train_help_and_bad_flags(tmp_path):
     result = _train("--help")
     assert result.returncode == 0 and "--corrupt_percentage" in result.stdout

@@ -27,9 +27,19 @@ def workspace(fake_cifar_dir, tmp_path_factory):
     }
     common = ["--dataset_dir", paths["data"], "--checkpoint_dir", paths["checkpoints"], "--train_batch_size", "64"]
     common += ["--num_train", str(NUM_TRAIN), "--num_train_epochs", "2"]
-    run("train.py", *common)
-    run("train.py", *common, "--corrupt_percentage", "0.1")
+    assert not Path(paths["checkpoints"]).exists()  # train.py makes the folder
+    # What train.py printed, for test_train_end_to_end: the models every test here uses are its subject too.
+    paths["trained"] = run("train.py", *common).stdout
+    paths["trained_corrupt"] = run("train.py", *common, "--corrupt_percentage", "0.1").stdout
     return paths
+
+
+def test_train_end_to_end(workspace):
+    assert "test accuracy" in workspace["trained"]
+    model = load_model(Path(workspace["checkpoints"]) / "model.safetensors", "cpu")
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert "(7 with changed labels)" in workspace["trained_corrupt"]
+    assert (Path(workspace["checkpoints"]) / "model_corrupt_0.1.safetensors").is_file()
 
 
 def analyze_args(paths, strategy, *extra):
