@@ -142,7 +142,7 @@ class Eigenbasis(Strategy):
         return LayerPreconditioner(self, inverse, q_a, factors["gradient_eigenvectors"])
 
     def precondition(self, preconditioner, a, g) -> torch.Tensor:
-        """The rotation into the eigenbasis takes the cheaper contraction order (rotated_gradient); only the
+        """The rotation into the eigenbasis takes the fewest multiply-adds (rotated_gradient); only the
         rotation back needs G's full out x in' products."""
         p = preconditioner
         rotated = rotated_gradient(a, g, p.q_a, p.q_s) * p.inverse

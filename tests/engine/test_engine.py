@@ -118,6 +118,24 @@ def test_max_examples_caps_the_fit(tmp_path):
     assert analyzer.factor_counts("capped")["examples"] == {name: 13 for name in grads}
 
 
+# Positions, out and in' such that Q_A rotates a's rows or G's, and Q_S g's rows or G's, in all four pairings.
+ROTATION_SHAPES = [(2, 5, 7), (6, 3, 9), (4, 8, 3), (9, 3, 4), (5, 5, 5)]
+
+
+@pytest.mark.parametrize("positions,out_dim,in_dim", ROTATION_SHAPES)
+def test_rotated_gradient_is_the_rotated_per_example_gradient(positions, out_dim, in_dim):
+    from influence.precondition import rotated_gradient
+
+    a, g = (
+        torch.randn(3, positions, in_dim, dtype=torch.float64),
+        torch.randn(3, positions, out_dim, dtype=torch.float64),
+    )
+    q_a = torch.linalg.qr(torch.randn(in_dim, in_dim, dtype=torch.float64)).Q
+    q_s = torch.linalg.qr(torch.randn(out_dim, out_dim, dtype=torch.float64)).Q
+    expected = torch.einsum("os,nto,nti,ij->nsj", q_s, g, a, q_a)
+    assert relative_error(rotated_gradient(a, g, q_a, q_s), expected) < 1e-12
+
+
 # ---------------------------------------------------------------------------- scores
 
 
