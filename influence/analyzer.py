@@ -231,6 +231,8 @@ class Analyzer:
         with self.store.writing(folder):
             self.store.prepare(folder, FACTOR_ARGUMENTS, recorded, "factors", overwrite_output_dir, results, claimed)
             if strategy.eigenbasis:
+                if not overwrite_output_dir:
+                    self._take_eigenbasis(folder, recorded)
                 self._fit_covariance(folder, dataset, args)
                 self._perform_eigendecomposition(folder, strategy)
             if strategy.fits_lambda:
@@ -253,6 +255,20 @@ class Analyzer:
         half = args.use_half_precision
         self._train_pass(job, step, loss, half, dtype, seed=args.seed, gradients=gradients, inputs=inputs)
 
+    def _take_eigenbasis(self, folder: Path, recorded: dict[str, Any]) -> None:
+        """K-FAC and EK-FAC fit the same covariances and eigenbases: take them from factors of this analysis made
+        with the same arguments but the strategy, where there are such, instead of a pass and the decompositions."""
+        names = [f"{name}.safetensors" for name in (*COVARIANCES, *EIGENDECOMPOSITION)]
+        if self.store.exists(*(folder / name for name in names)):
+            return
+        with self.profiler.record("Copy Eigendecomposition"):
+            source = self.store.take_from_sibling(folder, recorded, names, ignore="strategy")
+        if source is not None:
+            self._log(
+                f"{folder.name}: the covariances and eigendecomposition are those of {source.name}, fitted with the "
+                "same arguments"
+            )
+
     def _fit_covariance(self, folder: Path, dataset: Iterable[Any], args: FactorArguments) -> None:
         if self.store.exists(*(folder / f"{name}.safetensors" for name in COVARIANCES)):
             return
@@ -273,12 +289,31 @@ class Analyzer:
 
     def _perform_eigendecomposition(self, folder: Path, strategy: Strategy) -> None:
         """Rank 0 reads the covariances and shares them; each rank decomposes its share of them (the one step of a
-        factor fit that is not a pass over the data, so it would otherwise bound the speed-up); rank 0 saves."""
+        factor fit that is not a pass over the data, so it would otherwise bound the speed-up); rank 0 saves.
+        K-FAC's Lambda comes from the eigenvalues, which are read back where they are saved already."""
         done = [folder / f"{name}.safetensors" for name in EIGENDECOMPOSITION]
-        if strategy.lambda_from_eigenvalues:
-            done.append(folder / f"{LAMBDA}.safetensors")
+        lambda_file = folder / f"{LAMBDA}.safetensors"
+        needs_lambda = strategy.lambda_from_eigenvalues and not self.store.exists(lambda_file)
         if self.store.exists(*done):
-            return
+            if not needs_lambda:
+                return
+            with self.profiler.record("Load Eigendecomposition"):
+                values = {
+                    side: self.store.load(folder / f"{side}_eigenvalues.safetensors", self.device)
+                    for side in ("activation", "gradient")
+                }
+        else:
+            values = self._decompose(folder)
+        if needs_lambda:
+            lambdas = {
+                module: kfac_lambda(values["gradient"][module], activation)
+                for module, activation in values["activation"].items()
+            }
+            with self.profiler.record("Save Lambda"):
+                self.store.save([(lambda_file, lambdas, None)])
+
+    def _decompose(self, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+        """Eigendecompose and save every covariance; the eigenvalues per side ("activation", "gradient")."""
         with self.profiler.record("Load Covariance"):
             covariances = {name: self.store.load(folder / f"{name}.safetensors", self.device) for name in COVARIANCES}
         jobs = [
@@ -301,13 +336,7 @@ class Analyzer:
             self.group.sum_to_main([tensor for tensors in results.values() for tensor in tensors.values()])
         with self.profiler.record("Save Eigendecomposition"):
             self.store.save([(folder / f"{name}.safetensors", tensors, None) for name, tensors in results.items()])
-        if strategy.lambda_from_eigenvalues:
-            lambdas = {
-                module: kfac_lambda(results["gradient_eigenvalues"][module], values)
-                for module, values in results["activation_eigenvalues"].items()
-            }
-            with self.profiler.record("Save Lambda"):
-                self.store.save([(folder / f"{LAMBDA}.safetensors", lambdas, None)])
+        return {side: results[f"{side}_eigenvalues"] for side in ("activation", "gradient")}
 
     def _fit_lambda(self, folder: Path, dataset: Iterable[Any], args: FactorArguments, strategy: Strategy) -> None:
         result = folder / f"{LAMBDA}.safetensors"

@@ -362,6 +362,13 @@ def _read_pid(fd: int) -> int | None:
 PARTIAL_SUFFIX = ".partial.safetensors"
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
 def partial_path(result: Path) -> Path:
     """Where the partial result of `result` lives: lambda_matrix.safetensors -> lambda_matrix.partial.safetensors."""
     return result.with_name(result.name.removesuffix(".safetensors") + PARTIAL_SUFFIX)
@@ -458,6 +465,31 @@ class Store:
             if not finished or any(folder.glob(f"*{PARTIAL_SUFFIX}")):
                 return folder
         return None
+
+    def take_from_sibling(self, folder: Path, arguments: dict[str, Any], names: list[str], ignore: str) -> Path | None:
+        """Copy the files `names` into factors `folder` from another factors folder of this analysis whose
+        arguments are `arguments` but for the key `ignore`, and that holds all of them; the folder they came
+        from, or None. Each copy is a hard link where the file system allows (the files are never written in
+        place), else a copy, and is whole or absent (write_atomically); a partial result of ours is removed."""
+        wanted = json.loads(json.dumps({key: value for key, value in arguments.items() if key != ignore}))
+
+        def take() -> Path | None:
+            for sibling in sorted(self.folder.glob("factors_*")):
+                if sibling == folder or not all((sibling / name).exists() for name in names):
+                    continue
+                try:
+                    saved = json.loads((sibling / FACTOR_ARGUMENTS).read_text())
+                except (OSError, ValueError):
+                    continue
+                if not isinstance(saved, dict) or saved.pop(ignore, None) is None or saved != wanted:
+                    continue
+                for name in names:
+                    write_atomically(folder / name, lambda tmp, source=sibling / name: _link_or_copy(source, tmp))
+                    partial_path(folder / name).unlink(missing_ok=True)
+                return sibling
+            return None
+
+        return self.group.on_main(take)
 
     def load(self, path: Path, device: torch.device | str, missing: str | None = None) -> dict[str, torch.Tensor]:
         """The file's tensors on every rank; `missing`: the error if there is no such file."""

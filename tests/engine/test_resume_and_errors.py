@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import influence.analyzer
 import influence.storage
 from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments
 from tests.reference import TinyTask, batches, make_model
@@ -52,6 +53,39 @@ def test_resume_finishes_only_the_missing_step(setup):
     counting = CountingData(data)
     analyzer.fit_all_factors("ekfac", counting, args)
     assert counting.passes == 1  # the Lambda pass only; covariances and eigenbases were reused
+
+
+@pytest.mark.parametrize("first,second", [("kfac", "ekfac"), ("ekfac", "kfac")])
+def test_kfac_and_ekfac_of_the_same_arguments_share_covariances_and_eigenbases(tmp_path, monkeypatch, first, second):
+    model, x, y = make_model("cnn")
+    said = []
+    analyzer = Analyzer("test", model, TinyTask(), output_dir=tmp_path / "one", disable_tqdm=True, log=said.append)
+    data = batches(x, y, 8)
+    analyzer.fit_all_factors(first, data, FactorArguments(strategy=first))
+    fresh = Analyzer("test", model, TinyTask(), output_dir=tmp_path / "fresh", disable_tqdm=True)
+    expected = fresh.fit_all_factors(second, data, FactorArguments(strategy=second))
+
+    def no_decomposition(*_):
+        raise AssertionError("an eigendecomposition ran")
+
+    monkeypatch.setattr(influence.analyzer, "eigendecomposition", no_decomposition)
+    counting = CountingData(data)
+    found = analyzer.fit_all_factors(second, counting, FactorArguments(strategy=second))
+    assert counting.passes == (1 if second == "ekfac" else 0)  # EK-FAC's Lambda pass only
+    assert said == [
+        f"factors_{second}: the covariances and eigendecomposition are those of factors_{first}, fitted with the "
+        "same arguments"
+    ]
+    assert found.keys() == expected.keys()
+    for kind in expected:
+        for name in expected[kind]:
+            assert torch.allclose(found[kind][name], expected[kind][name], rtol=1e-12, atol=0), (kind, name)
+
+    # Factors of other arguments are not taken.
+    counting = CountingData(data)
+    monkeypatch.undo()
+    analyzer.fit_all_factors("other", counting, FactorArguments(strategy=second, seed=1))
+    assert counting.passes == (2 if second == "ekfac" else 1) and len(said) == 1
 
 
 def test_scores_are_reused_without_a_pass(setup):
