@@ -23,9 +23,10 @@ Scales:
   full: the original example's full job on a CPU (hours to a day on 2 cores: docs/full_size.md): the 10%-corrupted
         model trained with the original recipe and its detection with every strategy first (EK-FAC in fp32, as the
         original; the other strategies in bf16 where the models train in bf16), then the clean model,
-        EK-FAC pairwise scores of 2,000 queries x 50,000 in fp32 and bf16 and their agreement, the most
-        influential images, and the CIFAR-10N model and its detection. The models train with channels-last, in
-        bf16 where this CPU's bf16 products are faster than fp32 (see --train_precision), else in fp32.
+        EK-FAC pairwise scores of 2,000 queries x 50,000 in fp32 and bf16 and their agreement (on a CPU without
+        bf16 units, where bf16 is emulated, the agreement of 20 queries x 200 instead), the most influential
+        images, and the CIFAR-10N model and its detection. The models train with channels-last, in bf16 where
+        this CPU's bf16 products are faster than fp32 (see --train_precision), else in fp32.
   gpu:  the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32
         and bf16, self-influence of all 50,000, every strategy, the full-size benchmark, and the LDS against 200
         retrainings on halves of the 50,000 (hours: docs/lds.md).
@@ -60,6 +61,8 @@ from influence import STRATEGIES
 # steps then decayed linearly to 0, weight decay 1e-3, crops and flips); the CPU recipe takes a subset small enough
 # to train in minutes and enough steps (small batches) for the model to fit its own labels, wrong ones included.
 # Every step gets --dataset_dir; the benchmark is sized here.
+# The bf16 check where bf16 may be emulated: 200 training images, 20 queries
+HALF_CHECK = ["--num_train", "200", "--num_queries", "20", "--query_batch_size", "20"]
 FULL_BENCH = ["--num_train", "50000", "--num_queries", "2000", "--query_batch_size", "1000"]
 SCALES = {
     "demo": {
@@ -71,7 +74,7 @@ SCALES = {
         "train": ["--num_train", "2000", "--train_batch_size", "32", "--num_train_epochs", "35"],
         "influence": ["--num_train", "2000"],
         "queries": ["--num_queries", "100", "--query_batch_size", "100"],
-        "half_check": ["--num_train", "200", "--num_queries", "20", "--query_batch_size", "20"],
+        "half_check": HALF_CHECK,
         "bench": ["--num_train", "1000", "--num_queries", "50"],
         # bf16 is emulated on CPUs without bf16 units (about 5 s per image for Lambda alone on AVX2): kept tiny
         "bench_bf16": ["--num_train", "32", "--num_queries", "8"],
@@ -87,6 +90,8 @@ SCALES = {
         "influence": [],
         # 250 preconditioned query gradients of ResNet-9 hold 6.6 GB in fp32: what a 24 GiB machine can keep
         "queries": ["--query_batch_size", "250"],
+        # only on a CPU that emulates bf16 (bf16_is_emulated), where the whole job in bf16 would take days
+        "half_check": HALF_CHECK,
     },
     "gpu": {
         "train": ["--use_channels_last"],
@@ -101,7 +106,8 @@ SCALES = {
 }
 # The full job on a CPU outlasts a working session: the headline result (detection on the corrupted labels) first.
 FULL_ORDER = ["train_corrupt", "detect_ekfac", "detect_identity", "detect_diagonal", "detect_kfac", "train_clean"]
-FULL_ORDER += ["analyze_ekfac", "analyze_ekfac_bf16", "half_precision", "top_influential"]
+FULL_ORDER += ["analyze_ekfac", "analyze_ekfac_bf16", "half_check_fp32", "half_check_bf16", "half_precision"]
+FULL_ORDER += ["top_influential"]
 FULL_ORDER += ["train_noisy", "detect_noisy_ekfac"]
 BF16_PAYS = 1.2  # bf16 training at the full scale where bf16 products run this many times the fp32 rate
 CIFAR10N_HINT = "download CIFAR-10_human.pt from https://github.com/UCSC-REAL/cifar-10-100n (folder data/)"
@@ -168,6 +174,12 @@ def check_inputs(args) -> None:
         raise PipelineError("--scale gpu needs a GPU and torch sees none: run --scale cpu or --scale demo here")
 
 
+def bf16_is_emulated() -> bool:
+    """Whether the scripts' bf16 runs without bf16 units here: a CPU-only machine whose CPU has none (AVX2), where
+    bf16 takes about 5 s per image for EK-FAC's Lambda alone, so the full scale checks bf16 on a subset."""
+    return not torch.cuda.is_available() and cpu_bf16_units() is None
+
+
 def training_precision(args, log_dir: Path) -> bool:
     """Whether the full scale trains in bf16: the choice kept from the run's start, else --train_precision, where
     auto measures this CPU's matrix-product rates (bf16 units do not always make bf16 faster: on a 2-core Xeon with
@@ -227,13 +239,14 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
         analyze += ["--num_queries", str(args.num_queries)]
     found.append(("analyze_ekfac", [*analyze, *scale["queries"]], {}))
     half_figure = ["--figure", f"{figures}/half_precision.png"]
-    if args.scale == "full":  # the same job in bf16, its fp32 scores from analyze_ekfac
+    if args.scale == "full" and not bf16_is_emulated():  # the same job in bf16, its fp32 scores from analyze_ekfac
         found += [
             ("analyze_ekfac_bf16", [*analyze, *scale["queries"], "--use_half_precision"], {}),
             ("half_precision", [*py, "half_precision_analysis.py", *results, *half_figure], {}),
         ]
-    else:  # on the CPU scale, bf16 is compared on a smaller subset; on a GPU, on the full job above
-        half = [*results[:1], str(out / "influence_results_half_check")] if args.scale == "cpu" else results
+    else:  # on the CPU scales, bf16 is compared on a smaller subset of its own; on a GPU, on the full job above
+        own_folder = [*results[:1], str(out / "influence_results_half_check")]
+        half = own_folder if args.scale in ("cpu", "full") else results
         half_data = [*py, "analyze.py", *data, *half, "--factor_strategy", "ekfac", "--profile", *scale["half_check"]]
         found += [
             ("half_check_fp32", half_data, {}),
@@ -387,7 +400,9 @@ def main() -> None:
     log_dir = args.out_dir / "logs"
     args.train_in_bf16 = training_precision(args, log_dir)
     plan = steps(args)
-    unknown = sorted(set(args.skip) - {name for name, _, _ in plan})
+    # At full scale, a step another machine runs instead of this one's (bf16 at full size or on a subset) is known.
+    known = {name for name, _, _ in plan} | (set(FULL_ORDER) if args.scale == "full" else set())
+    unknown = sorted(set(args.skip) - known)
     if unknown:
         raise PipelineError(f"--skip {' '.join(unknown)}: no such step at scale {args.scale} (--dry_run lists them)")
     plan = [step for step in plan if step[0] not in args.skip]
