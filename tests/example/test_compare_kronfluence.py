@@ -5,15 +5,13 @@ not require) the two engines' scores of a tiny job agree."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
 import sys
 import types
 
 import pytest
 
-from tests.helpers import REPO_ROOT, run
+from tests.helpers import run
 
 SCRIPT = "compare_kronfluence.py"
 HAS_KRONFLUENCE = importlib.util.find_spec("kronfluence") is not None
@@ -24,14 +22,12 @@ def one_line_error(result) -> str:
     return result.stderr
 
 
-def test_without_kronfluence_it_says_how_to_install_it(tmp_path):
+def test_without_kronfluence_it_says_how_to_install_it(monkeypatch, tmp_path):
     # A kronfluence that cannot be imported, ahead of any installed one on the path: what a machine without it sees.
     (tmp_path / "kronfluence.py").write_text("raise ModuleNotFoundError(\"No module named 'kronfluence'\")\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / SCRIPT), "--num_train", "8"], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 2, result
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "kronfluence", raising=False)
+    result = run(SCRIPT, "--num_train", "8", expect=2)
     error = one_line_error(result)
     assert error.startswith("error: kronfluence is not installed (No module named 'kronfluence')")
     assert "pip install kronfluence==1.0.1" in error

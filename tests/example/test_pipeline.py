@@ -6,8 +6,6 @@ python -m pytest tests/example/test_pipeline.py -q
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,7 +26,7 @@ from pipeline import (
     load_noisy_labels,
     random_crop_flip,
 )
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, run
 
 SHARED_JPEG = REPO_ROOT.parent / "shared" / "cifar10" / "cifar10_jpeg.npz"
 
@@ -275,15 +273,7 @@ def test_checkpoint_names_and_round_trip(tmp_path):
 # ---- train.py end to end ----
 
 
-def _train(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "train.py"), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
-    )
-
-
 def test_train_help_and_bad_flags(tmp_path):
-    result = _train("--help")
-    assert result.returncode == 0 and "--corrupt_percentage" in result.stdout
-    result = _train("--dataset_dir", str(tmp_path), "--corrupt_percentage", "2")
-    assert result.returncode == 2
+    assert "--corrupt_percentage" in run("train.py", "--help").stdout
+    result = run("train.py", "--dataset_dir", str(tmp_path), "--corrupt_percentage", "2", expect=2)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
