@@ -53,7 +53,7 @@ import torch
 
 from example.errors import PipelineError
 from example.flags import POSITIVE_INT, add_data_flags, folder
-from example.hardware import cpu_bf16_units, matmul_rate
+from example.hardware import bf16_is_emulated, cpu_bf16_units, matmul_rate
 from example.run import ArgumentParser, run_cli
 from influence import STRATEGIES
 
@@ -172,12 +172,6 @@ def check_inputs(args) -> None:
         raise PipelineError(f"--noisy_labels {args.noisy_labels} is not a file ({CIFAR10N_HINT})")
     if args.scale == "gpu" and not args.dry_run and not torch.cuda.is_available():
         raise PipelineError("--scale gpu needs a GPU and torch sees none: run --scale cpu or --scale demo here")
-
-
-def bf16_is_emulated() -> bool:
-    """Whether the scripts' bf16 runs without bf16 units here: a CPU-only machine whose CPU has none (AVX2), where
-    bf16 takes about 5 s per image for EK-FAC's Lambda alone, so the full scale checks bf16 on a subset."""
-    return not torch.cuda.is_available() and cpu_bf16_units() is None
 
 
 def training_precision(args, log_dir: Path) -> bool:

@@ -68,6 +68,12 @@ def bf16_hardware_note() -> str:
     return f"this CPU has {units} units" if units else "this CPU has no bf16 units: emulated, slower than fp32"
 
 
+def bf16_is_emulated() -> bool:
+    """Whether the scripts' bf16 runs without bf16 units here: a machine without a GPU whose CPU has none (AVX2),
+    where bf16 takes about 5 s per image for EK-FAC's Lambda alone."""
+    return not torch.cuda.is_available() and cpu_bf16_units() is None
+
+
 def emulated_bf16_note(device: torch.device, half: bool, units: str | None = "unknown") -> str | None:
     """The one line said when bf16 is asked for on a CPU that emulates it, else None."""
     units = cpu_bf16_units() if units == "unknown" else units

@@ -261,8 +261,7 @@ class Analyzer:
         names = [f"{name}.safetensors" for name in (*COVARIANCES, *EIGENDECOMPOSITION)]
         if self.store.exists(*(folder / name for name in names)):
             return
-        with self.profiler.record("Copy Eigendecomposition"):
-            source = self.store.take_from_sibling(folder, recorded, names, ignore="strategy")
+        source = self.store.take_from_sibling(folder, recorded, names, ignore="strategy")  # links: no timing row
         if source is not None:
             self._log(
                 f"{folder.name}: the covariances and eigendecomposition are those of {source.name}, fitted with the "

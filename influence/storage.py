@@ -362,6 +362,15 @@ def _read_pid(fd: int) -> int | None:
 PARTIAL_SUFFIX = ".partial.safetensors"
 
 
+def _saved_arguments(path: Path) -> dict[str, Any] | None:
+    """The arguments a results folder records, or None where they cannot be read (a folder that is not a match)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)
@@ -452,12 +461,8 @@ class Store:
         partial result, or no scores file yet) by a stopped run, if there is one."""
         wanted = json.loads(json.dumps(factor_arguments))
         for folder in sorted(self.folder.glob("scores_*")):
-            path = folder / SCORE_ARGUMENTS
-            try:
-                saved = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if not isinstance(saved, dict) or saved.get("factors_name") != factors_name:
+            saved = _saved_arguments(folder / SCORE_ARGUMENTS)
+            if saved is None or saved.get("factors_name") != factors_name:
                 continue
             if first_difference(saved.get("factor_arguments"), wanted) is not None:
                 continue
@@ -477,11 +482,8 @@ class Store:
             for sibling in sorted(self.folder.glob("factors_*")):
                 if sibling == folder or not all((sibling / name).exists() for name in names):
                     continue
-                try:
-                    saved = json.loads((sibling / FACTOR_ARGUMENTS).read_text())
-                except (OSError, ValueError):
-                    continue
-                if not isinstance(saved, dict) or saved.pop(ignore, None) is None or saved != wanted:
+                saved = _saved_arguments(sibling / FACTOR_ARGUMENTS)
+                if saved is None or saved.pop(ignore, None) is None or saved != wanted:
                     continue
                 for name in names:
                     write_atomically(folder / name, lambda tmp, source=sibling / name: _link_or_copy(source, tmp))
