@@ -10,6 +10,7 @@ task.py       the influence task (cross-entropy, margin) and evaluation
 results.py    result names, fingerprints, the analyzer with the scripts' flags, reading scores back
 figures.py    drawing off-screen and saving whole
 training.py   the training recipe: its flags and its resumable loop
+sgd.py        the recipe's optimiser (SGD, weight decay, momentum, a learning rate per step)
 train_state.py  a training run's state on disk
 label_files.py  reading label files and CIFAR pickles with a restricted unpickler
 lds.py        the linear datamodeling score's statistics

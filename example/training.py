@@ -33,6 +33,7 @@ from tqdm import tqdm
 from example.errors import PipelineError
 from example.flags import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, add_save_interval_flag, seed
 from example.hardware import bf16_hardware_note
+from example.sgd import SGD
 from example.train_state import not_a_training_state, restore_training_state, save_training_state
 from influence import Group, Saver, Store, interrupt
 from pipeline import CifarData, TensorBatches, construct_resnet9
@@ -95,8 +96,8 @@ class TrainingState:
     """Where a run is (epoch, step, the epoch's loss and examples so far) and its save: every rank's share of the
     epoch's loss is summed into rank 0's, which writes the training state (example/train_state.py)."""
 
-    def __init__(self, path: Path, model, optimizer, scheduler, group: Group, arguments: dict, start: float) -> None:
-        self.path, self.model, self.optimizer, self.scheduler = path, model, optimizer, scheduler
+    def __init__(self, path: Path, model, optimizer: SGD, group: Group, arguments: dict, start: float) -> None:
+        self.path, self.model, self.optimizer = path, model, optimizer
         self.group, self.arguments, self.start = group, arguments, start
         self.epochs, self.steps = arguments["num_train_epochs"], arguments["steps_per_epoch"]
         self.at(0, 0, torch.zeros(()), 0)
@@ -119,7 +120,7 @@ class TrainingState:
                 "elapsed": time.time() - self.start,
                 "arguments": self.arguments,
             }
-            save_training_state(self.path, self.model, self.optimizer, self.scheduler, progress, epoch_loss=totals[0])
+            save_training_state(self.path, self.model, self.optimizer, progress, epoch_loss=totals[0])
         return f"the training state at {self.where()} to {self.path}"
 
 
@@ -158,14 +159,17 @@ def train_model(
     memory_format = torch.channels_last if args.use_channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
 
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
-    )
     # Piecewise linear per step: 0 -> peak at 20% of training -> 0 at the end, so shorter runs keep the shape.
     epochs = args.num_train_epochs
     total_steps = epochs * len(train_batches)
     knots = [0.0, total_steps * WARMUP_FRACTION, float(total_steps)]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(np.interp(step, knots, [0, 1, 0])))
+    optimizer = SGD(
+        model.parameters(),
+        args.learning_rate,
+        args.momentum,
+        args.weight_decay,
+        schedule=lambda step: float(np.interp(step, knots, [0, 1, 0])),
+    )
 
     # ---- Resuming a stopped run: its training state, read back by the engine's policy (influence.Store.resume:
     # one that cannot be used is discarded, saying so; one of a run with other arguments is refused) ----
@@ -182,7 +186,7 @@ def train_model(
     start_epoch, start_step, elapsed = 0, 0, 0.0
     resumed_loss = resumed_count = None
     if saved is not None:
-        extra = restore_training_state(saved, model, optimizer, scheduler)
+        extra = restore_training_state(saved, model, optimizer)
         progress_saved = saved[1]
         start_epoch, start_step, elapsed = progress_saved["epoch"], progress_saved["step"], progress_saved["elapsed"]
         # Rank 0 carries the whole epoch's loss so far; the others' shares were summed into it when it was saved.
@@ -196,7 +200,7 @@ def train_model(
             )
     trained = DistributedDataParallel(model) if world > 1 else model
     start = time.time() - elapsed
-    state = TrainingState(state_path, model, optimizer, scheduler, group, run_arguments, start)
+    state = TrainingState(state_path, model, optimizer, group, run_arguments, start)
 
     model.train()
     saver = Saver(group, args.save_interval, state.save)  # after every step: saves every --save_interval, stops
@@ -216,10 +220,9 @@ def train_model(
                 x = x.contiguous(memory_format=memory_format)
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.use_half_precision):
                     loss = F.cross_entropy(trained(x), y)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
                 epoch_loss += loss.detach().float() * len(y)
                 epoch_count += len(y)
                 seen += len(y)

@@ -217,6 +217,53 @@ def test_missing_data_offline_is_one_line(tmp_path, monkeypatch, capsys):
 # ---- Model and checkpoints ----
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_recipes_sgd_makes_torch_sgd_weights_and_resumes_from_its_state(momentum):
+    """example.sgd.SGD against torch.optim.SGD under LambdaLR (the update it replaces), float64, a channels-last
+    conv and a linear layer, with weight decay: the same weights after 6 steps, also when restarted from its state
+    after 3."""
+    from example.sgd import SGD
+
+    def model():
+        torch.manual_seed(0)
+        layers = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+        return layers.to(memory_format=torch.channels_last)
+
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1, 0])
+    schedule = lambda step: float(np.interp(step, [0.0, 1.2, 6.0], [0, 1, 0]))  # noqa: E731
+    steps = 6
+
+    def train(net, optimizer, begin, end, scheduler=None):
+        for _ in range(begin, end):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        return net
+
+    expected = model()
+    reference = torch.optim.SGD(expected.parameters(), lr=0.3, momentum=momentum, weight_decay=0.05)
+    train(expected, reference, 0, steps, torch.optim.lr_scheduler.LambdaLR(reference, schedule))
+
+    found = model()
+    train(found, SGD(found.parameters(), 0.3, momentum, 0.05, schedule), 0, steps)
+    first, second = model(), model()
+    optimizer = SGD(first.parameters(), 0.3, momentum, 0.05, schedule)
+    train(first, optimizer, 0, 3)
+    second.load_state_dict(first.state_dict())
+    velocities, taken = optimizer.state()
+    restarted = SGD(second.parameters(), 0.3, momentum, 0.05, schedule)
+    restarted.load_state({name: v.contiguous().clone() for name, v in velocities.items()}, taken)
+    train(second, restarted, 3, steps)
+    assert taken == 3 and len(velocities) == (4 if momentum else 0)
+    for net in (found, second):
+        for (name, value), wanted in zip(net.state_dict().items(), expected.state_dict().values(), strict=True):
+            assert torch.equal(value, wanted), (name, (value - wanted).abs().max())
+    assert not torch.equal(expected[0].weight, model()[0].weight)  # it trained
+
+
 def test_resnet9_state_dict_matches_original():
     model = construct_resnet9()
     keys = set(model.state_dict())
