@@ -79,25 +79,23 @@ def torchrun(script: str, *args: str, processes: int = 2, expect: int = 0, cpu: 
 # ---- The engine's worker processes (tests/engine_worker.py) and their results ----
 
 
-def launch(out: Path, world: int, options: dict, timeout: float = 240) -> list[subprocess.CompletedProcess]:
-    """Start `world` worker processes the way torchrun would (RANK, WORLD_SIZE, MASTER_*), wait for all of them."""
+def start_ranks(
+    command: list[str], world: int, timeout: float = 240, hide_gpus: bool = False
+) -> list[subprocess.CompletedProcess]:
+    """Start `world` processes of `command` from the repository root with the environment torchrun gives its
+    workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_*; none of them for one process) and one
+    thread each, without torchrun's launcher (its import alone takes seconds); wait for all of them. With
+    `hide_gpus`, CUDA_VISIBLE_DEVICES is empty: CPU processes (gloo) even on a GPU host."""
     port = free_port()
     processes = []
     for rank in range(world):
-        env = {
-            **os.environ,
-            "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1",
-        }
-        if world == 1:
-            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(key)
-        # Run as a module from the repository root, so that it imports `tests` and the engine as this process does.
-        command = [sys.executable, "-m", "tests.engine_worker", str(out), json.dumps(options)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} | ({"CUDA_VISIBLE_DEVICES": ""} if hide_gpus else {})
+        if world > 1:
+            env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+            env |= {"LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        else:
+            for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(key, None)
         processes.append(
             subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
@@ -109,9 +107,25 @@ def launch(out: Path, world: int, options: dict, timeout: float = 240) -> list[s
         except subprocess.TimeoutExpired:
             for other in processes:
                 other.kill()
-            raise AssertionError(f"worker processes did not finish within {timeout} s") from None
+            raise AssertionError(f"processes did not finish within {timeout} s") from None
         results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
     return results
+
+
+def run_ranks(script: str, *args: str, processes: int = 2, expect: int = 0) -> Result:
+    """Run a script as `processes` CPU processes (gloo) the way torchrun starts them (see start_ranks), GPUs
+    hidden; returns rank 0's output. torchrun itself is tested by test_torchrun_train_and_detect_on_cpu_processes."""
+    command = [sys.executable, str(REPO_ROOT / script), *args]
+    results = start_ranks(command, processes, hide_gpus=True)
+    for rank, result in enumerate(results):
+        assert result.returncode == expect, f"rank {rank} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return Result(results[0].returncode, results[0].stdout, results[0].stderr)
+
+
+def launch(out: Path, world: int, options: dict, timeout: float = 240) -> list[subprocess.CompletedProcess]:
+    """Start `world` engine worker processes (tests/engine_worker.py), as a module from the repository root so
+    that they import `tests` and the engine as this process does; wait for all of them."""
+    return start_ranks([sys.executable, "-m", "tests.engine_worker", str(out), json.dumps(options)], world, timeout)
 
 
 def result_files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:

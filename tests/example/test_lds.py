@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from example import lds
 from example.task import ClassificationTask
 from pipeline import construct_resnet9, get_cifar10
-from tests.helpers import assert_stopped, run, signal_at, torchrun
+from tests.helpers import assert_stopped, run, run_ranks, signal_at
 
-M, K, N, Q = 4, 2, 32, 4
+M, K, N, Q = 3, 2, 32, 4  # M = 3: the fewest subsets a rank correlation takes
 
 
 # ---- The math ----
@@ -179,7 +179,7 @@ def test_a_killed_run_resumes_without_retraining_finished_models(reference, tmp_
 
 def test_two_processes_give_the_margins_of_one(reference, tmp_path):
     out = tmp_path / "two"
-    result = torchrun("evaluate_lds.py", *lds_args(reference["data"], out, "identity"))
+    result = run_ranks("evaluate_lds.py", *lds_args(reference["data"], out, "identity"))
     assert result.stdout.count("| identity |") == 1  # rank 0 alone reports
     for name, key in (("masks", "masks"), ("margins", "margins")):
         found = load_file(out / f"{name}.safetensors")[key]

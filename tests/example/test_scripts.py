@@ -11,7 +11,7 @@ import torch
 from example.checkpoints import load_model
 from influence.storage import load_tensors
 from pipeline import load_cifar10_arrays
-from tests.helpers import NUM_TRAIN, run, torchrun
+from tests.helpers import NUM_TRAIN, run, run_ranks, torchrun
 
 NUM_QUERIES = 6
 
@@ -247,10 +247,12 @@ def test_unreadable_result_files_are_one_line_errors(workspace, tmp_path):
 
 
 def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, tmp_path):
-    """Two CPU processes (gloo), whatever GPUs the machine has; tests/gpu/test_gpu.py runs them on GPUs (nccl)."""
+    """Two CPU processes (gloo), whatever GPUs the machine has; tests/gpu/test_gpu.py runs them on GPUs (nccl).
+    Training is started by torchrun itself (its agent hosts the rendezvous), detection as torchrun starts its
+    workers, without the launcher (rank 0 hosts it)."""
     checkpoints = tmp_path / "checkpoints"
     common = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(checkpoints)]
-    result = torchrun("train.py", *common, "--num_train", "200", "--num_train_epochs", "1", "--train_batch_size", "64")
+    result = torchrun("train.py", *common, "--num_train", "64", "--num_train_epochs", "1", "--train_batch_size", "32")
     assert result.stdout.count("saved ") == 1 and "2 processes on cpu" in result.stdout
     assert [path.name for path in checkpoints.iterdir()] == ["model.safetensors"]
     load_model(checkpoints / "model.safetensors", "cpu")
@@ -262,7 +264,7 @@ def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, t
         str(tmp_path / "mislabel.png"),
     ]  # fmt: skip
     run("detect_mislabeled_dataset.py", *args, "--output_dir", str(tmp_path / "one"))  # one process, no launcher
-    result = torchrun("detect_mislabeled_dataset.py", *args, "--output_dir", str(tmp_path / "two"))
+    result = run_ranks("detect_mislabeled_dataset.py", *args, "--output_dir", str(tmp_path / "two"))
     assert result.stdout.count("training labels are wrong") == 1  # rank 0 alone reports
     one, two = (
         load_tensors(tmp_path / name / "mislabeled" / "scores_diagonal" / "self_scores.safetensors")["all_modules"]
