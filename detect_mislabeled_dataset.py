@@ -48,6 +48,7 @@ from example.flags import (
     add_label_flags,
     figure_file,
 )
+from example.ranking import average_ranks
 from example.results import (
     check_shape,
     file_fingerprint,
@@ -120,9 +121,7 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
         raise PipelineError("the ROC AUC needs both mislabeled and correctly labeled examples")
     if not np.isfinite(scores).all():
         raise PipelineError("the ROC AUC needs finite scores")
-    from scipy.stats import rankdata  # here: importing scipy.stats takes about a second of every start
-
-    ranks = rankdata(scores)  # ties get their average rank
+    ranks = average_ranks(scores)  # ties get their average rank
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

@@ -14,6 +14,7 @@ sgd.py        the recipe's optimiser (SGD, weight decay, momentum, a learning ra
 train_state.py  a training run's state on disk
 label_files.py  reading label files and CIFAR pickles with a restricted unpickler
 lds.py        the linear datamodeling score's statistics
+ranking.py    average ranks (ties share their mean rank), for the ROC AUC and Spearman
 
 pipeline.py (at the top, as in the original example) holds the model and the data.
 """

@@ -21,6 +21,8 @@ import math
 import numpy as np
 import torch
 
+from example.ranking import average_ranks
+
 
 def subset_size(num_train: int, alpha: float) -> int:
     """round(alpha * N) examples in every subset."""
@@ -45,9 +47,7 @@ def predicted_margins(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
 def spearman(x: np.ndarray, y: np.ndarray, axis: int = 0) -> np.ndarray:
     """Spearman correlation of every column of x [M, Q] with the same column of y (with axis=1: of every row),
     average ranks for ties; NaN where either is constant."""
-    from scipy.stats import rankdata  # here: importing scipy.stats takes about a second of every start
-
-    rx, ry = rankdata(x, axis=axis), rankdata(y, axis=axis)
+    rx, ry = average_ranks(x, axis=axis), average_ranks(y, axis=axis)
     rx, ry = rx - rx.mean(axis=axis, keepdims=True), ry - ry.mean(axis=axis, keepdims=True)
     norm = np.sqrt((rx**2).sum(axis=axis) * (ry**2).sum(axis=axis))
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -43,6 +43,20 @@ def test_lds_of_a_case_worked_by_hand():
     assert 0.4 <= low <= 0.6 <= high <= 0.8
 
 
+@pytest.mark.parametrize(("shape", "axis"), [((9,), 0), ((5, 9), 0), ((5, 9), 1), ((3, 4, 6), 1), ((2, 0), 1)])
+def test_average_ranks_are_scipys_rankdata(shape, axis):
+    from scipy.stats import rankdata
+
+    from example.ranking import average_ranks
+
+    values = np.random.default_rng(0).integers(0, 4, size=shape).astype(np.float64)  # many ties
+    found = average_ranks(values, axis=axis)
+    assert found.dtype == np.float64 and np.array_equal(found, rankdata(values, axis=axis))
+    assert average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    with pytest.raises(ValueError, match="finite"):
+        average_ranks(np.array([1.0, np.nan]))
+
+
 def test_masks_hold_exactly_alpha_n_examples_drawn_from_the_seed():
     masks = lds.draw_masks(10, 7, 0.5, seed=3)
     assert masks.dtype == torch.bool and masks.shape == (10, 7)
