@@ -324,3 +324,25 @@ def test_train_help_and_bad_flags(tmp_path):
     assert "--corrupt_percentage" in run("train.py", "--help").stdout
     result = run("train.py", "--dataset_dir", str(tmp_path), "--corrupt_percentage", "2", expect=2)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+
+
+def test_a_training_state_saved_by_another_training_loop_is_discarded_with_its_reason(fake_cifar_dir, tmp_path):
+    """A state of the loop before example/sgd.py (torch.optim's state dict and scheduler in its record, no step
+    count) cannot restore the schedule: train.py says why in one line, trains from the start and writes the weights
+    a run without it writes."""
+    from safetensors.torch import load_file
+
+    from influence import save_partial
+
+    args = ["--dataset_dir", str(fake_cifar_dir), "--num_train", "8", "--num_test", "8", "--num_train_epochs", "1"]
+    run("train.py", *args, "--checkpoint_dir", str(tmp_path / "fresh"))
+    old = tmp_path / "old" / "model.partial.safetensors"
+    weights = {f"model/{name}": value for name, value in construct_resnet9().state_dict().items()}
+    record = {"optimizer_groups": [{"lr": 0.4, "params": [0]}], "optimizer_values": {}, "scheduler": {"last_epoch": 1}}
+    save_partial(old, {**weights, "rng/cpu": torch.get_rng_state()}, {"epoch": 0, "step": 1, "run": record})
+    result = run("train.py", *args, "--checkpoint_dir", str(old.parent))
+    said = f"training: discarding {old} (it was saved by another version of the training loop); training from the start"
+    assert said in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "resuming" not in result.stdout + result.stderr and not old.exists()
+    trained, expected = load_file(old.parent / "model.safetensors"), load_file(tmp_path / "fresh" / "model.safetensors")
+    assert trained.keys() == expected.keys() and all(torch.equal(trained[k], expected[k]) for k in expected)
