@@ -55,7 +55,7 @@ from example.errors import PipelineError
 from example.flags import POSITIVE_INT, add_data_flags, folder
 from example.hardware import bf16_is_emulated, cpu_bf16_units, matmul_rate
 from example.run import ArgumentParser, run_cli
-from influence import STRATEGIES
+from influence import STRATEGIES, write_atomically
 
 # Training recipes: the original optimiser and schedule (SGD, learning rate 0.4 reached linearly at 20% of the
 # steps then decayed linearly to 0, weight decay 1e-3, crops and flips); the CPU recipe takes a subset small enough
@@ -104,6 +104,7 @@ SCALES = {
         "lds": ["--num_subsets", "100", "--seeds_per_subset", "2", "--num_queries", "2000", "--use_channels_last"],
     },
 }
+SPENT_INTERVAL = 30  # seconds between saves of a running step's time so far (<name>.spent)
 # The full job on a CPU outlasts a working session: the headline result (detection on the corrupted labels) first.
 FULL_ORDER = ["train_corrupt", "detect_ekfac", "detect_identity", "detect_diagonal", "detect_kfac", "train_clean"]
 FULL_ORDER += ["analyze_ekfac", "analyze_ekfac_bf16", "half_check_fp32", "half_check_bf16", "half_precision"]
@@ -300,17 +301,21 @@ def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, 
     """Run one step: results (stdout) to <name>.log, progress bars (stderr) to <name>.err.
 
     SIGTERM and SIGINT are passed on to the step, whose scripts save their progress and exit; the walk-through
-    waits for it, then stops too, so that no step is left running on its own. A stopped run leaves its
-    time in <name>.spent, which the next run of the same command adds to its own. Returns (seconds, peak resident
-    memory of the step's processes in GiB).
+    waits for it, then stops too, so that no step is left running on its own. While the step runs, its time so far
+    is kept in <name>.spent (every SPENT_INTERVAL seconds, and when it stops), so that even a walk-through killed
+    without warning (SIGKILL, a machine shut down at the end of a session) leaves it: the next run of the same
+    command adds it to its own time and appends to the step's log. Returns (seconds, peak resident memory of the
+    step's processes in GiB, over the parts that ended by themselves or by a forwarded signal).
     """
     log, err = log_dir / f"{name}.log", log_dir / f"{name}.err"
-    spent = log_dir / f"{name}.spent"  # a stopped run's seconds and peak memory, for a step resumed across sessions
-    before_seconds, before_peak = stopped_before(spent, shown)
+    spent = log_dir / f"{name}.spent"  # earlier parts' seconds and peak memory, for a step resumed across sessions
+    earlier = recorded(spent, shown)
+    before_seconds, before_peak = earlier or (0.0, 0.0)
     print(f"== {name}: {shown}", flush=True)
     start = time.monotonic()
+    record(spent, before_seconds, before_peak, shown)
     # A resumed step appends to its log, so that the output of every part of a long step is kept.
-    with open(log, "a" if before_seconds else "w") as out, open(err, "w") as progress:
+    with open(log, "w" if earlier is None else "a") as out, open(err, "w") as progress:
         out.write(f"$ {shown}\n")
         out.flush()
         process = subprocess.Popen(command, stdout=out, stderr=progress, env={**os.environ, **env})
@@ -322,9 +327,16 @@ def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, 
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            # The rusage of this step's processes alone. A forwarded signal does not end the wait: Python retries
-            # wait4 after a handler that returns (PEP 475), so the walk-through waits for the step to save.
-            _, status, usage = os.wait4(process.pid, 0)
+            # wait4 gives the rusage of this step's processes alone. Polled, so that the time so far reaches disk
+            # while the step runs; a forwarded signal does not end the wait, so the walk-through waits for the step
+            # to save.
+            kept = start
+            while not (waited := os.wait4(process.pid, os.WNOHANG))[0]:
+                if time.monotonic() - kept >= SPENT_INTERVAL:
+                    kept = time.monotonic()
+                    record(spent, before_seconds + kept - start, before_peak, shown)
+                time.sleep(0.1)
+            _, status, usage = waited
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -332,7 +344,7 @@ def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, 
     peak = max(before_peak, usage.ru_maxrss / 2**20)
     code = os.waitstatus_to_exitcode(status)
     print(log.read_text().split("\n", 1)[1], end="", flush=True)
-    if stopped:  # it saved its progress and resumes: its time so far counts (a failed run starts again)
+    if stopped or code != 0:  # the next run of this command resumes it (or tries again): its time so far counts
         record(spent, seconds, peak, shown)
     if stopped:
         raise PipelineError(f"stopped during step {name}, which saved its progress: run the same command again")
@@ -346,8 +358,8 @@ def run_step(name: str, command: list[str], env: dict[str, str], log_dir: Path, 
 
 
 def record(path: Path, seconds: float, peak: float, shown: str) -> None:
-    """A step's time and peak memory, with the command they belong to (<name>.done, <name>.spent)."""
-    path.write_text(f"{seconds:.1f} {peak:.2f}\n{shown}\n")
+    """A step's time and peak memory, with the command they belong to (<name>.done, <name>.spent), whole or absent."""
+    write_atomically(path, lambda tmp: tmp.write_text(f"{seconds:.1f} {peak:.2f}\n{shown}\n"), folder="--out_dir")
 
 
 def recorded(path: Path, shown: str) -> tuple[float, float] | None:
@@ -358,11 +370,6 @@ def recorded(path: Path, shown: str) -> tuple[float, float] | None:
     except (IndexError, ValueError):
         return None
     return (seconds, peak) if lines[1:2] == [shown] else None
-
-
-def stopped_before(spent: Path, shown: str) -> tuple[float, float]:
-    """(seconds, peak GiB) that earlier, stopped runs of this very command spent, else (0, 0)."""
-    return recorded(spent, shown) or (0.0, 0.0)
 
 
 def finished_before(marker: Path, shown: str) -> tuple[float, float] | None:

@@ -307,4 +307,46 @@ def test_a_step_resumed_in_a_later_run_keeps_its_earlier_time_and_output(tmp_pat
     assert walkthrough.finished_before(tmp_path / "step.done", shown)[0] >= 100.0
     # A stopped run of another command leaves nothing this one adds.
     (tmp_path / "other.spent").write_text("50.0 1.00\npython other.py\n")
-    assert walkthrough.stopped_before(tmp_path / "other.spent", shown) == (0.0, 0.0)
+    assert walkthrough.recorded(tmp_path / "other.spent", shown) is None
+
+
+KILLED_STEP = """
+import sys, time
+from pathlib import Path
+started = Path(sys.argv[1])
+print("second part" if started.exists() else "first part", flush=True)
+if not started.exists():
+    started.write_text("")
+    time.sleep(60)
+"""
+
+
+def test_a_walkthrough_killed_without_warning_leaves_the_steps_time_and_output_to_the_next_run(tmp_path):
+    import walkthrough
+
+    (tmp_path / "step.py").write_text(KILLED_STEP)
+    command = [sys.executable, str(tmp_path / "step.py"), str(tmp_path / "started")]
+    shown = walkthrough.shown_command(command, {})
+    parent = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        import walkthrough
+        walkthrough.SPENT_INTERVAL = 0.2
+        walkthrough.run_step("step", {command!r}, {{}}, Path({str(tmp_path)!r}), {shown!r})
+        """)
+    # Its own process group, so that SIGKILL takes the step with it, as the end of a machine's session does.
+    process = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO_ROOT, start_new_session=True)
+    spent, deadline = tmp_path / "step.spent", time.monotonic() + 30
+    while (walkthrough.recorded(spent, shown) or (0.0,))[0] < 0.5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    killed_seconds = walkthrough.recorded(spent, shown)[0]
+    assert killed_seconds >= 0.5
+    seconds, _ = walkthrough.run_step("step", command, {}, tmp_path, shown)
+    log = (tmp_path / "step.log").read_text()
+    assert log == f"$ {shown}\nfirst part\n$ {shown}\nsecond part\n"  # the killed part's output is kept
+    assert seconds >= killed_seconds and walkthrough.finished_before(tmp_path / "step.done", shown)[0] == pytest.approx(
+        seconds, abs=0.1
+    )
+    assert not spent.exists()
