@@ -10,6 +10,8 @@ files. `Loop.run` is the one place where ranks, resuming and the final save are 
   their shares of the state into rank 0, which saves it as the partial result; a stop asked by SIGTERM or SIGINT
   on any rank is acted on there: the state is saved the same way and interrupt.Interrupted raised.
 - At the end the state is summed into rank 0, which writes the result files and removes the partial one.
+- The partial result also keeps the pass's seconds so far, which a resumed pass adds to its profiler record: the
+  timing table of a pass stopped and resumed counts every part's kept work (up to its last save).
 
 A pass that is not split (the pairwise pass over query batches: every rank runs each query batch, whose own
 pass over the training data is split) saves after every batch and leaves stops to the passes inside it. A pass
@@ -87,6 +89,12 @@ class _Run:
     sizes: list[int] = field(default_factory=list)  # sizes of the batches done (known on every rank)
     block: tuple | None = None  # rank 0: the saved state of the pass that runs inside this one, when resuming
     unread: tuple | None = None  # (batch index, names, flags) of this rank's last batch, not yet read
+    started: float = field(default_factory=time.monotonic)
+    earlier: float = 0.0  # seconds of this pass that earlier, stopped runs spent on the work resumed from
+
+    def seconds(self) -> float:
+        """This pass's seconds so far, its earlier runs' included."""
+        return self.earlier + time.monotonic() - self.started
 
 
 class _Restart(Exception):
@@ -141,15 +149,18 @@ class Loop:
         try:
             with self.profiler.record(job.record) if job.record else contextlib.nullcontext():
                 progress = self._resume(run)
+                run.earlier = progress["seconds"]
                 try:
                     sizes = self._batches(run, progress["batches"], progress["sizes"])
                 except _Restart:
                     name = self._partial(job).name
                     self.store.log(f"{job.desc}: {name} was saved with other batches; starting the pass over")
                     job.state.reset()
-                    run.block = None
+                    run.block, run.earlier = None, 0.0
                     sizes = self._batches(run, 0, [])
                 job.state.flush(self.group, sum(sizes))
+            if job.record:
+                self.profiler.credit(job.record, run.earlier)
         finally:
             self._running.pop()
         if job.finish is None:
@@ -168,6 +179,8 @@ class Loop:
 
         def use(tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> dict[str, Any]:
             done = {"batches": int(progress["batches"]), "sizes": [int(size) for size in progress["sizes"]]}
+            seconds = progress.get("seconds", 0.0)  # absent from files saved before passes kept their time
+            done["seconds"] = float(seconds) if isinstance(seconds, (int, float)) and seconds >= 0 else 0.0
             job.state.load({name: tensor for name, tensor in tensors.items() if not name.startswith(BLOCK)})
             inner = {name.removeprefix(BLOCK): tensor for name, tensor in tensors.items() if name.startswith(BLOCK)}
             run.block = (inner, progress["block"]) if isinstance(progress.get("block"), dict) else None
@@ -180,7 +193,7 @@ class Loop:
         if progress is None:  # nothing saved, or it did not fit: whatever `use` loaded of it goes
             job.state.reset()
             run.block = None
-            progress = {"batches": 0, "sizes": []}
+            progress = {"batches": 0, "sizes": [], "seconds": 0.0}
         job.state.start_at(sum(progress["sizes"]))
         if progress["batches"] or run.block is not None:  # rank 0; also when only the inner pass had saved
             batches, things = job.units
@@ -254,11 +267,13 @@ class Loop:
         job, sizes = run.job, run.sizes
         self._check(run)
         job.state.flush(self.group, sum(sizes))
-        tensors, progress = job.state.tensors(), {"batches": len(sizes), "sizes": list(sizes)}
+        tensors = job.state.tensors()
+        progress = {"batches": len(sizes), "sizes": list(sizes), "seconds": run.seconds()}
         if run.outer is not None:
             outer = run.outer
             tensors = {**outer.job.state.tensors(), **{f"{BLOCK}{name}": t for name, t in tensors.items()}}
-            progress = {"batches": len(outer.sizes), "sizes": list(outer.sizes), "block": progress}
+            progress = {"batches": len(outer.sizes), "sizes": list(outer.sizes), "seconds": outer.seconds()}
+            progress["block"] = {"batches": len(sizes), "sizes": list(sizes), "seconds": run.seconds()}
         with self.profiler.record("Save Partial Result"):
             self.store.save_partial(self._partial(job), tensors, progress)
         return f"{job.desc} after {len(sizes)} {job.units[0]} ({sum(sizes)} {job.units[1]}) to {self._partial(job)}"

@@ -44,6 +44,11 @@ class Profiler:
             merged = {key: counts_before.get(key, 0) + counts.get(key, 0) for key in {*counts_before, *counts}}
             parts[name] = (seconds_before + seconds, merged)
 
+    def credit(self, action: str, seconds: float) -> None:
+        """Add `seconds` to the last record of `action`: the time earlier, stopped runs spent on a resumed pass."""
+        if self.enabled and seconds > 0 and self.records.get(action):
+            self.records[action][-1] += seconds
+
     def table(self) -> str:
         """The timing table in the original example's format, longest action first."""
         total = sum(sum(times) for times in self.records.values())

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,32 @@ def analyze_args(trained, results: Path, strategy: str = "diagonal") -> list[str
     ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def slowed_at(monkeypatch, batch: int, seconds: float):
+    """The `batch`-th batch that the scripts' batches yield (pipeline.TensorBatches, counted from 1) comes
+    `seconds` late. Entered before signal_at, so that both count the same batches."""
+    original, count = pipeline.TensorBatches.__iter__, 0
+
+    def iterate(self):
+        nonlocal count
+        for item in original(self):
+            count += 1
+            if count == batch:
+                time.sleep(seconds)
+            yield item
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.TensorBatches, "__iter__", iterate)
+        yield
+
+
+def profiled_seconds(stdout: str, action: str) -> float:
+    """The total time of `action`, recorded once, in the timing table a script printed with --profile."""
+    row = re.search(rf"\|  {action}\s*\|  [^|]*\|  1\s*\|  ([0-9.e+-]+)", stdout)
+    assert row is not None, stdout
+    return float(row.group(1))
+
+
 def test_analyze_resumes_after_sigterm_in_a_factor_pass_and_in_a_query_batch(trained, tmp_path, monkeypatch):
     reference, results = tmp_path / "reference", tmp_path / "results"
     run("analyze.py", *analyze_args(trained, reference))
@@ -164,11 +192,13 @@ def test_analyze_resumes_after_sigterm_in_a_factor_pass_and_in_a_query_batch(tra
     assert_stopped(stopped, "Fit Lambda after 1 batches (8 examples) to ", "lambda_matrix.partial")
     # Rerun: Lambda batches 1-2, query batch 1 at 3 and its pass 4-5, query batch 2 at 6 and its pass 7-8: stopped
     # after the first training batch of query batch 2.
-    with signal_at(monkeypatch, 7):
+    # Its batch 7 comes 2 s late: time of the pairwise pass that the partial result keeps with query batch 2's.
+    with slowed_at(monkeypatch, 7, 2.0), signal_at(monkeypatch, 7):
         stopped = run("analyze.py", *args, expect=143)
     assert "Fit Lambda: resuming from lambda_matrix.partial.safetensors after 1 batches" in stopped.stdout
     assert_stopped(stopped, "Pairwise scores of query batch 2 after 1 batches (8 examples) to ")
-    resumed = run("analyze.py", *args)
+    resumed = run("analyze.py", *args, "--profile")
+    assert profiled_seconds(resumed.stdout, "Compute Pairwise Score") >= 2.0  # this run: one batch of 8
     assert "resuming from pairwise_scores.partial.safetensors after 1 query batches (2 queries)" in resumed.stdout
     assert "Pairwise scores of query batch 2: resuming from pairwise_scores.partial.safetensors after 1 batches" in (
         resumed.stdout
@@ -185,12 +215,16 @@ def test_detect_resumes_after_sigterm_in_the_self_influence_pass(trained, tmp_pa
     ]  # fmt: skip
     reference, results = tmp_path / "reference", tmp_path / "results"
     run("detect_mislabeled_dataset.py", *args, "--output_dir", str(reference))
-    with signal_at(monkeypatch, 3):  # Lambda pass: batches 1-2; self-influence: 3-4
+    # Lambda pass: batches 1-2; self-influence: 3-4. The stopped run's batch 3 comes 2 s late, which its partial
+    # result keeps.
+    with slowed_at(monkeypatch, 3, 2.0), signal_at(monkeypatch, 3):
         stopped = run("detect_mislabeled_dataset.py", *args, "--output_dir", str(results), expect=143)
     assert_stopped(stopped, "Self-influence scores after 1 batches (8 examples) to ", "self_scores.partial")
-    run("detect_mislabeled_dataset.py", *args, "--output_dir", str(results))
+    resumed = run("detect_mislabeled_dataset.py", *args, "--output_dir", str(results), "--profile")
     scores = Path("mislabeled") / "scores_diagonal" / "self_scores.safetensors"
     assert_equal_files(results / scores, reference / scores)
+    # The timing table counts the stopped run's part of the pass: its 2 s, though this run did one batch of 8.
+    assert profiled_seconds(resumed.stdout, "Compute Self-Influence Score") >= 2.0
 
 
 # ---- Full disks ----
