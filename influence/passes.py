@@ -92,9 +92,11 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     earlier: float = 0.0  # seconds of this pass that earlier, stopped runs spent on the work resumed from
 
-    def seconds(self) -> float:
-        """This pass's seconds so far, its earlier runs' included."""
-        return self.earlier + time.monotonic() - self.started
+    def progress(self) -> dict[str, Any]:
+        """What a partial result keeps of this pass besides its state: the batches done and the seconds so far
+        (its earlier runs' included)."""
+        seconds = self.earlier + time.monotonic() - self.started
+        return {"batches": len(self.sizes), "sizes": list(self.sizes), "seconds": seconds}
 
 
 class _Restart(Exception):
@@ -267,13 +269,11 @@ class Loop:
         job, sizes = run.job, run.sizes
         self._check(run)
         job.state.flush(self.group, sum(sizes))
-        tensors = job.state.tensors()
-        progress = {"batches": len(sizes), "sizes": list(sizes), "seconds": run.seconds()}
+        tensors, progress = job.state.tensors(), run.progress()
         if run.outer is not None:
             outer = run.outer
             tensors = {**outer.job.state.tensors(), **{f"{BLOCK}{name}": t for name, t in tensors.items()}}
-            progress = {"batches": len(outer.sizes), "sizes": list(outer.sizes), "seconds": outer.seconds()}
-            progress["block"] = {"batches": len(sizes), "sizes": list(sizes), "seconds": run.seconds()}
+            progress = {**outer.progress(), "block": progress}
         with self.profiler.record("Save Partial Result"):
             self.store.save_partial(self._partial(job), tensors, progress)
         return f"{job.desc} after {len(sizes)} {job.units[0]} ({sum(sizes)} {job.units[1]}) to {self._partial(job)}"

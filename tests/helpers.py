@@ -154,9 +154,9 @@ def assert_same(case_folder: Path, reference_folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def signal_at(monkeypatch, batch: int, signum: int = signal.SIGTERM):
-    """Send `signum` to this process when the scripts' batches (pipeline.TensorBatches, every instance of a run
-    counted together, from 1) yield their `batch`-th batch."""
+def at_batch(monkeypatch, batch: int, do):
+    """Call `do()` when the scripts' batches (pipeline.TensorBatches, every instance of a run counted together,
+    from 1) yield their `batch`-th batch. Nested, the outer and the inner count the same batches."""
     original = pipeline.TensorBatches.__iter__
     count = 0
 
@@ -165,12 +165,22 @@ def signal_at(monkeypatch, batch: int, signum: int = signal.SIGTERM):
         for item in original(self):
             count += 1
             if count == batch:
-                os.kill(os.getpid(), signum)
+                do()
             yield item
 
     with monkeypatch.context() as patch:
         patch.setattr(pipeline.TensorBatches, "__iter__", iterate)
         yield
+
+
+def signal_at(monkeypatch, batch: int, signum: int = signal.SIGTERM):
+    """Send `signum` to this process when the scripts' batches yield their `batch`-th batch (see at_batch)."""
+    return at_batch(monkeypatch, batch, lambda: os.kill(os.getpid(), signum))
+
+
+def slowed_at(monkeypatch, batch: int, seconds: float):
+    """The scripts' `batch`-th batch (see at_batch) comes `seconds` late."""
+    return at_batch(monkeypatch, batch, lambda: time.sleep(seconds))
 
 
 def last_line(stderr: str, start: str) -> str:

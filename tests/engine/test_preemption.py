@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from example import checkpoints
 from influence import InfluenceError, interrupt
 from influence.storage import load_tensors
 from tests import engine_worker
-from tests.helpers import assert_same, assert_stopped, last_line, launch, run, signal_at
+from tests.helpers import assert_same, assert_stopped, last_line, launch, run, signal_at, slowed_at
 from tests.reference import relative_error
 
 CASE = "ekfac_true_b7"  # true Fisher: resumed batches must sample the labels the stopped run would have
@@ -153,25 +152,6 @@ def analyze_args(trained, results: Path, strategy: str = "diagonal") -> list[str
         "--dataset_dir", trained["data"], "--checkpoint_dir", str(trained["checkpoints"]), "--output_dir",
         str(results), "--factor_strategy", strategy, "--num_queries", "4", "--query_batch_size", "2", *TRAIN_OPTIONS,
     ]  # fmt: skip
-
-
-@contextlib.contextmanager
-def slowed_at(monkeypatch, batch: int, seconds: float):
-    """The `batch`-th batch that the scripts' batches yield (pipeline.TensorBatches, counted from 1) comes
-    `seconds` late. Entered before signal_at, so that both count the same batches."""
-    original, count = pipeline.TensorBatches.__iter__, 0
-
-    def iterate(self):
-        nonlocal count
-        for item in original(self):
-            count += 1
-            if count == batch:
-                time.sleep(seconds)
-            yield item
-
-    with monkeypatch.context() as patch:
-        patch.setattr(pipeline.TensorBatches, "__iter__", iterate)
-        yield
 
 
 def profiled_seconds(stdout: str, action: str) -> float:
