@@ -26,6 +26,7 @@ plus the factors, sum_l (in'_l^2 + out_l^2 + out_l * in'_l).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ from influence.distributed import Group, balanced_owners
 from influence.errors import InfluenceError
 from influence.factors import CovarianceAccumulator, LambdaAccumulator, eigendecomposition, kfac_lambda
 from influence.modules import Layer, find_layers, input_patches
-from influence.passes import ALL_MODULES, Columns, Loop, Pass, Rows, batch_length
+from influence.passes import ALL_MODULES, SECONDS, Columns, Loop, Pass, Rows, batch_length
 from influence.precondition import LayerPreconditioner
-from influence.profiler import Profiler
+from influence.profiler import Profiler, synchronize
 from influence.shifted import covariance_input
 from influence.storage import (
     FACTOR_ARGUMENTS,
@@ -62,6 +63,12 @@ from influence.task import Task
 # size ran as fast as the best plain batch size, where whole batches of 512 took 30% longer and twice the memory,
 # re-faulting hundreds of MB of fresh pages per layer. GPUs take whole batches.
 CPU_MAX_ELEMENTS = 2**26
+
+# Metadata key of a factor file: the strategy it was fitted for (K-FAC and EK-FAC share covariances and eigenbases).
+FITTED_FOR = "strategy"
+
+# A factor step's report that it found its result made by an earlier run: finished(action, result file).
+Finished = Callable[[str, Path], None]
 
 # Seconds between saves of a pass's partial sums when the Analyzer is given none.
 DEFAULT_SAVE_INTERVAL = 120.0
@@ -230,13 +237,26 @@ class Analyzer:
 
         with self.store.writing(folder):
             self.store.prepare(folder, FACTOR_ARGUMENTS, recorded, "factors", overwrite_output_dir, results, claimed)
+            # A job stopped after some of its steps had ended (the factors begun, or scores from them unfinished):
+            # the steps it finished are rows of this run's timing table too, with the seconds their files keep.
+            resumed = self.profiler.enabled and self.group.on_main(
+                lambda: (
+                    (any(folder.glob("*.safetensors")) and not all(path.exists() for path in results))
+                    or claimed() is not None
+                )
+            )
+
+            def finished(action: str, path: Path) -> None:
+                if resumed:
+                    self._count_finished(action, path, args.strategy)
+
             if strategy.eigenbasis:
                 if not overwrite_output_dir:
                     self._take_eigenbasis(folder, recorded)
-                self._fit_covariance(folder, dataset, args)
-                self._perform_eigendecomposition(folder, strategy)
+                self._fit_covariance(folder, dataset, args, finished)
+                self._perform_eigendecomposition(folder, strategy, finished)
             if strategy.fits_lambda:
-                self._fit_lambda(folder, dataset, args, strategy)
+                self._fit_lambda(folder, dataset, args, strategy, finished)
             with self.profiler.record("Load All Factors"):
                 return self.load_all_factors(factors_name)
 
@@ -255,6 +275,16 @@ class Analyzer:
         half = args.use_half_precision
         self._train_pass(job, step, loss, half, dtype, seed=args.seed, gradients=gradients, inputs=inputs)
 
+    def _count_finished(self, action: str, path: Path, strategy: str) -> None:
+        """`action`, which made `path` in an earlier run, as a row of the timing table with the seconds the file
+        keeps; not for files of another strategy (K-FAC's covariances taken from EK-FAC's, see _take_eigenbasis)."""
+        kept = self.store.metadata(path)
+        seconds = kept.get(SECONDS)
+        if kept.get(FITTED_FOR) != strategy or isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            return
+        self.profiler.earlier(action, float(seconds))
+        self._log(f"{action}: {seconds:.1f} s in an earlier run of this job (kept in {path.name})")
+
     def _take_eigenbasis(self, folder: Path, recorded: dict[str, Any]) -> None:
         """K-FAC and EK-FAC fit the same covariances and eigenbases: take them from factors of this analysis made
         with the same arguments but the strategy, where there are such, instead of a pass and the decompositions."""
@@ -268,25 +298,24 @@ class Analyzer:
                 "same arguments"
             )
 
-    def _fit_covariance(self, folder: Path, dataset: Iterable[Any], args: FactorArguments) -> None:
+    def _fit_covariance(self, folder: Path, dataset: Iterable[Any], args: FactorArguments, finished: Finished) -> None:
+        result = folder / "activation_covariance.safetensors"
         if self.store.exists(*(folder / f"{name}.safetensors" for name in COVARIANCES)):
+            finished("Fit Covariance", result)
             return
         accumulator = CovarianceAccumulator(self.layers, self.dtype, self.device)
-        result = folder / "activation_covariance.safetensors"
 
         def finish() -> list:
             activation, gradient, rows = accumulator.finish()
-            return [
-                (folder / "gradient_covariance.safetensors", gradient, {"rows": rows}),
-                (result, activation, {"rows": rows}),
-            ]
+            kept = {"rows": rows, FITTED_FOR: args.strategy}
+            return [(folder / "gradient_covariance.safetensors", gradient, kept), (result, activation, kept)]
 
         job = Pass("Fit covariance", dataset, accumulator, result, finish=finish, record="Fit Covariance")
         job.save_record = "Save Covariance"
         # Sums of a a^T and g g^T only, a convolution's a a^T from shifted products of its input where that is faster.
         self._factor_pass(job, accumulator.update, args, self.dtype, gradients=False, inputs=covariance_input)
 
-    def _perform_eigendecomposition(self, folder: Path, strategy: Strategy) -> None:
+    def _perform_eigendecomposition(self, folder: Path, strategy: Strategy, finished: Finished) -> None:
         """Rank 0 reads the covariances and shares them; each rank decomposes its share of them (the one step of a
         factor fit that is not a pass over the data, so it would otherwise bound the speed-up); rank 0 saves.
         K-FAC's Lambda comes from the eigenvalues, which are read back where they are saved already."""
@@ -294,6 +323,7 @@ class Analyzer:
         lambda_file = folder / f"{LAMBDA}.safetensors"
         needs_lambda = strategy.lambda_from_eigenvalues and not self.store.exists(lambda_file)
         if self.store.exists(*done):
+            finished("Perform Eigendecomposition", done[0])
             if not needs_lambda:
                 return
             with self.profiler.record("Load Eigendecomposition"):
@@ -302,7 +332,7 @@ class Analyzer:
                     for side in ("activation", "gradient")
                 }
         else:
-            values = self._decompose(folder)
+            values = self._decompose(folder, strategy)
         if needs_lambda:
             lambdas = {
                 module: kfac_lambda(values["gradient"][module], activation)
@@ -311,7 +341,7 @@ class Analyzer:
             with self.profiler.record("Save Lambda"):
                 self.store.save([(lambda_file, lambdas, None)])
 
-    def _decompose(self, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    def _decompose(self, folder: Path, strategy: Strategy) -> dict[str, dict[str, torch.Tensor]]:
         """Eigendecompose and save every covariance; the eigenvalues per side ("activation", "gradient")."""
         with self.profiler.record("Load Covariance"):
             covariances = {name: self.store.load(folder / f"{name}.safetensors", self.device) for name in COVARIANCES}
@@ -322,6 +352,8 @@ class Analyzer:
         ]
         owners = balanced_owners([covariance.shape[0] ** 3 for _, _, covariance in jobs], self.group.world)
         results: dict[str, dict[str, torch.Tensor]] = {name: {} for name in EIGENDECOMPOSITION}
+        synchronize(self.device)
+        start = time.perf_counter()
         with self.profiler.record("Perform Eigendecomposition"):
             for (side, module, covariance), owner in zip(jobs, owners, strict=True):
                 if owner == self.group.rank:
@@ -333,13 +365,18 @@ class Analyzer:
                 results[f"{side}_eigenvalues"][module] = values
                 results[f"{side}_eigenvectors"][module] = vectors
             self.group.sum_to_main([tensor for tensors in results.values() for tensor in tensors.values()])
+        synchronize(self.device)
+        kept = {SECONDS: time.perf_counter() - start, FITTED_FOR: strategy.name}
         with self.profiler.record("Save Eigendecomposition"):
-            self.store.save([(folder / f"{name}.safetensors", tensors, None) for name, tensors in results.items()])
+            self.store.save([(folder / f"{name}.safetensors", tensors, kept) for name, tensors in results.items()])
         return {side: results[f"{side}_eigenvalues"] for side in ("activation", "gradient")}
 
-    def _fit_lambda(self, folder: Path, dataset: Iterable[Any], args: FactorArguments, strategy: Strategy) -> None:
+    def _fit_lambda(
+        self, folder: Path, dataset: Iterable[Any], args: FactorArguments, strategy: Strategy, finished: Finished
+    ) -> None:
         result = folder / f"{LAMBDA}.safetensors"
         if self.store.exists(result):
+            finished("Fit Lambda", result)
             return
         eigenvectors = None  # Lambda of the gradients as they are, or in the strategy's eigenbasis
         if strategy.eigenbasis:
@@ -353,7 +390,7 @@ class Analyzer:
 
         def finish() -> list:
             lambdas, examples = accumulator.finish()
-            return [(result, lambdas, {"examples": examples})]
+            return [(result, lambdas, {"examples": examples, FITTED_FOR: args.strategy})]
 
         job = Pass("Fit Lambda", dataset, accumulator, result, finish=finish, record="Fit Lambda")
         job.save_record = "Save Lambda"

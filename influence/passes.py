@@ -12,6 +12,8 @@ files. `Loop.run` is the one place where ranks, resuming and the final save are 
 - At the end the state is summed into rank 0, which writes the result files and removes the partial one.
 - The partial result also keeps the pass's seconds so far, which a resumed pass adds to its profiler record: the
   timing table of a pass stopped and resumed counts every part's kept work (up to its last save).
+- The result files of a named pass keep its seconds too (metadata SECONDS), for the timing table of a job that a
+  stop cut after the pass had ended (see Analyzer.fit_all_factors).
 
 A pass that is not split (the pairwise pass over query batches: every rank runs each query batch, whose own
 pass over the training data is split) saves after every batch and leaves stops to the passes inside it. A pass
@@ -46,6 +48,7 @@ from influence.profiler import Profiler
 from influence.storage import Store, partial_path
 
 ALL_MODULES = "all_modules"
+SECONDS = "seconds"  # metadata key of a pass's result files: the seconds the pass took, every part's
 BLOCK = "block/"  # prefix, in a pairwise partial file, of the columns of the query batch in progress
 Files = list[tuple[Path, dict[str, torch.Tensor], dict[str, Any] | None]]
 
@@ -96,7 +99,7 @@ class _Run:
         """What a partial result keeps of this pass besides its state: the batches done and the seconds so far
         (its earlier runs' included)."""
         seconds = self.earlier + time.monotonic() - self.started
-        return {"batches": len(self.sizes), "sizes": list(self.sizes), "seconds": seconds}
+        return {"batches": len(self.sizes), "sizes": list(self.sizes), SECONDS: seconds}
 
 
 class _Restart(Exception):
@@ -161,6 +164,7 @@ class Loop:
                     run.block, run.earlier = None, 0.0
                     sizes = self._batches(run, 0, [])
                 job.state.flush(self.group, sum(sizes))
+            seconds = run.progress()[SECONDS]
             if job.record:
                 self.profiler.credit(job.record, run.earlier)
         finally:
@@ -168,6 +172,8 @@ class Loop:
         if job.finish is None:
             return None
         files = job.finish() if self.group.is_main else []
+        if job.record:  # the pass's time, every part's, for the timing table of a job resumed after it (SECONDS)
+            files = [(path, tensors, {**(meta or {}), SECONDS: seconds}) for path, tensors, meta in files]
         with self.profiler.record(job.save_record):
             self.store.save(files, done=job.result)
         return files if self.group.is_main else None

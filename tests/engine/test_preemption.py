@@ -179,6 +179,7 @@ def test_analyze_resumes_after_sigterm_in_a_factor_pass_and_in_a_query_batch(tra
     assert_stopped(stopped, "Pairwise scores of query batch 2 after 1 batches (8 examples) to ")
     resumed = run("analyze.py", *args, "--profile")
     assert profiled_seconds(resumed.stdout, "Compute Pairwise Score") >= 2.0  # this run: one batch of 8
+    assert profiled_seconds(resumed.stdout, "Fit Lambda") > 0  # the stopped runs' pass, as its file keeps it
     assert "resuming from pairwise_scores.partial.safetensors after 1 query batches (2 queries)" in resumed.stdout
     assert "Pairwise scores of query batch 2: resuming from pairwise_scores.partial.safetensors after 1 batches" in (
         resumed.stdout
@@ -195,16 +196,21 @@ def test_detect_resumes_after_sigterm_in_the_self_influence_pass(trained, tmp_pa
     ]  # fmt: skip
     reference, results = tmp_path / "reference", tmp_path / "results"
     run("detect_mislabeled_dataset.py", *args, "--output_dir", str(reference))
-    # Lambda pass: batches 1-2; self-influence: 3-4. The stopped run's batch 3 comes 2 s late, which its partial
-    # result keeps.
-    with slowed_at(monkeypatch, 3, 2.0), signal_at(monkeypatch, 3):
+    # Lambda pass: batches 1-2; self-influence: 3-4. The stopped run's batches 1 and 3 come 1 s late, which the
+    # Lambda file and the partial result keep.
+    with slowed_at(monkeypatch, 1, 1.0), slowed_at(monkeypatch, 3, 1.0), signal_at(monkeypatch, 3):
         stopped = run("detect_mislabeled_dataset.py", *args, "--output_dir", str(results), expect=143)
     assert_stopped(stopped, "Self-influence scores after 1 batches (8 examples) to ", "self_scores.partial")
     resumed = run("detect_mislabeled_dataset.py", *args, "--output_dir", str(results), "--profile")
     scores = Path("mislabeled") / "scores_diagonal" / "self_scores.safetensors"
     assert_equal_files(results / scores, reference / scores)
-    # The timing table counts the stopped run's part of the pass: its 2 s, though this run did one batch of 8.
-    assert profiled_seconds(resumed.stdout, "Compute Self-Influence Score") >= 2.0
+    # The timing table counts the stopped run's part of the pass: its 1 s, though this run did one batch of 8; and
+    # the Lambda pass that run finished, which this one did not run.
+    assert profiled_seconds(resumed.stdout, "Compute Self-Influence Score") >= 1.0
+    assert profiled_seconds(resumed.stdout, "Fit Lambda") >= 1.0
+    assert "Fit Lambda: " in resumed.stdout and " s in an earlier run of this job (kept in lambda_matrix" in (
+        resumed.stdout
+    )
 
 
 # ---- Full disks ----

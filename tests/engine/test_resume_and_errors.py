@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 import influence.analyzer
 import influence.storage
 from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments
+from influence.storage import load_metadata
 from tests.reference import TinyTask, batches, make_model
 
 
@@ -53,6 +56,58 @@ def test_resume_finishes_only_the_missing_step(setup):
     counting = CountingData(data)
     analyzer.fit_all_factors("ekfac", counting, args)
     assert counting.passes == 1  # the Lambda pass only; covariances and eigenbases were reused
+
+
+class SlowData(CountingData):
+    """Each batch comes `delay` seconds late."""
+
+    def __init__(self, items, delay):
+        super().__init__(items)
+        self.delay = delay
+
+    def __iter__(self):
+        for item in super().__iter__():
+            time.sleep(self.delay)
+            yield item
+
+
+def test_a_resumed_fit_counts_the_steps_an_earlier_run_finished(tmp_path):
+    """The timing table of a fit resumed after some of its steps ended has their rows, with the seconds their files
+    keep; a fit that only reuses finished factors, or takes another strategy's, has none."""
+    model, x, y = make_model("cnn")
+    data = batches(x, y, 8)
+
+    def fit(strategy, dataset):
+        said = []
+        analyzer = Analyzer("test", model, TinyTask(), tmp_path, profile=True, disable_tqdm=True, log=said.append)
+        analyzer.fit_all_factors(strategy, dataset, FactorArguments(strategy=strategy))
+        return analyzer.profiler.records, said, analyzer.factors_folder(strategy)
+
+    records, _, folder = fit("ekfac", SlowData(data, 0.1))  # each pass at least 0.1 s per batch
+    kept = {name: load_metadata(folder / f"{name}.safetensors")["seconds"] for name in ("activation_covariance",
+            "activation_eigenvectors", "lambda_matrix")}  # fmt: skip
+    assert kept["activation_covariance"] >= 0.1 * len(data) and kept["lambda_matrix"] >= 0.1 * len(data)
+    # The decompositions' seconds: the span the profiler times, give or take its own bookkeeping.
+    assert kept["activation_eigenvectors"] == pytest.approx(records["Perform Eigendecomposition"][0], abs=0.01)
+    assert "Fit Covariance" in records and "Fit Lambda" in records
+
+    (folder / "lambda_matrix.safetensors").unlink()  # as if stopped in the Lambda pass
+    records, said, _ = fit("ekfac", data)
+    assert records["Fit Covariance"] == [kept["activation_covariance"]]
+    assert records["Perform Eigendecomposition"] == [kept["activation_eigenvectors"]]
+    assert len(records["Fit Lambda"]) == 1 and records["Fit Lambda"][0] < 0.1 * len(data)  # this run's own pass
+    assert f"Fit Covariance: {kept['activation_covariance']:.1f} s in an earlier run of this job" in said[0]
+
+    records, said, _ = fit("ekfac", data)  # nothing left to do: a reuse, not a resumed job
+    assert not {"Fit Covariance", "Perform Eigendecomposition", "Fit Lambda"} & records.keys() and said == []
+
+    # K-FAC takes EK-FAC's covariances and eigenbases; stopped before its Lambda was saved, it resumes without
+    # EK-FAC's seconds in its table.
+    fit("kfac", data)
+    (tmp_path / "test" / "factors_kfac" / "lambda_matrix.safetensors").unlink()
+    records, said, _ = fit("kfac", data)
+    assert not {"Fit Covariance", "Perform Eigendecomposition"} & records.keys(), records
+    assert not any("earlier run" in line for line in said), said
 
 
 @pytest.mark.parametrize("first,second", [("kfac", "ekfac"), ("ekfac", "kfac")])
