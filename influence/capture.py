@@ -23,17 +23,28 @@ Process = Callable[[Layer, Any, torch.Tensor], None]
 Inputs = Callable[[Layer, torch.Tensor], Any]
 
 
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The (nested) batch with fn applied to each of its tensors, dicts, lists, tuples and named tuples kept."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {key: map_tensors(value, fn) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        mapped = [map_tensors(value, fn) for value in batch]
+        return type(batch)(*mapped) if hasattr(batch, "_fields") else type(batch)(mapped)
+    return batch
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a (nested) batch to `device`; a no-op for data already there."""
-    if isinstance(batch, torch.Tensor):
-        # Asynchronous only towards a GPU: a copy to the host must be finished before the host reads it.
-        return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, dict):
-        return {key: to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        moved = [to_device(value, device) for value in batch]
-        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
-    return batch
+    # Asynchronous only towards a GPU: a copy to the host must be finished before the host reads it.
+    return map_tensors(batch, lambda tensor: tensor.to(device, non_blocking=device.type == "cuda"))
+
+
+def batch_slice(batch: Any, start: int, end: int, examples: int) -> Any:
+    """Examples start:end of a batch of `examples`: each tensor whose leading dimension counts the examples is
+    sliced, any other (a mask shared by the batch, a scalar) is kept whole."""
+    return map_tensors(batch, lambda tensor: tensor[start:end] if tensor.dim() and len(tensor) == examples else tensor)
 
 
 def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -168,6 +168,23 @@ def test_pairwise_scores_match_dense_curvature(tmp_path, kind, strategy):
     assert relative_error(per_module, scores["all_modules"]) < 1e-12
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_query_batch_larger_than_a_training_batch_runs_in_slices(tmp_path, kind):
+    analyzer, model, x, y, factors = fit(tmp_path, kind, "ekfac")
+    damping = well_conditioned_damping(factors)
+    seen = []
+    handle = model.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
+    qx, qy = x[:11] - 0.2, y[:11]
+    scores = analyzer.compute_pairwise_scores(
+        "s", "ekfac", batches(qx, qy, 11), batches(x, y, 3), ScoreArguments(damping_factor=damping)
+    )
+    handle.remove()
+    expected = reference_scores(analyzer, model, x, y, qx, qy, factors, "ekfac", damping)
+    assert relative_error(scores["all_modules"], expected) < 1e-8
+    # the 11 queries went through the model as 3 + 3 + 3 + 2, like the training batches (30 + 2 examples)
+    assert seen == [3, 3, 3, 2] + [3] * 10 + [2]
+
+
 @pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])
 def test_pairwise_scores_at_default_damping(tmp_path, strategy):
     analyzer, model, x, y, factors = fit(tmp_path, "cnn", strategy)
