@@ -169,14 +169,19 @@ def test_pairwise_scores_match_dense_curvature(tmp_path, kind, strategy):
 
 
 @pytest.mark.parametrize("kind", MODELS)
-def test_a_query_batch_larger_than_a_training_batch_runs_in_slices(tmp_path, kind):
+@pytest.mark.parametrize("loader", ["list", "DataLoader"])
+def test_a_query_batch_larger_than_a_training_batch_runs_in_slices(tmp_path, kind, loader):
     analyzer, model, x, y, factors = fit(tmp_path, kind, "ekfac")
     damping = well_conditioned_damping(factors)
     seen = []
     handle = model.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
     qx, qy = x[:11] - 0.2, y[:11]
+    if loader == "list":
+        train = batches(x, y, 3)
+    else:  # its batch_size says the slices' size; iterating it to find out would cost a pass's first batch
+        train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
     scores = analyzer.compute_pairwise_scores(
-        "s", "ekfac", batches(qx, qy, 11), batches(x, y, 3), ScoreArguments(damping_factor=damping)
+        "s", "ekfac", batches(qx, qy, 11), train, ScoreArguments(damping_factor=damping)
     )
     handle.remove()
     expected = reference_scores(analyzer, model, x, y, qx, qy, factors, "ekfac", damping)
