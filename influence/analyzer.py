@@ -541,11 +541,23 @@ class Analyzer:
         for start in range(0, count, step):
             part = batch_slice(query_batch, start, start + step, count) if step < count else query_batch
             self._one_batch(part, precondition, "measurement", args.use_half_precision, "Query gradients")
+        for name, done in filled.items():  # rows never written would be whatever memory held
+            if done != count:
+                raise InfluenceError(
+                    f"module {name!r} ran for {done} of a batch's {count} queries: every tracked "
+                    "module must run in every forward pass (leave it out of tracked_modules())"
+                )
         columns = Columns(self.layers, args.per_module, (count,), self.dtype, self.device)
 
         def contract(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
             gradient = per_example_gradient(a, g).flatten(1)
-            query = queries[layer.name]
+            query = queries.get(layer.name)
+            if query is None:
+                raise InfluenceError(
+                    f"module {layer.name!r} ran for the training examples but not for the queries: "
+                    "every tracked module must run in every forward pass (leave it out of "
+                    "tracked_modules())"
+                )
             flops.add(2 * query.shape[0] * gradient.numel(), query.dtype, query.device)
             columns.add(layer.name, (query @ gradient.T).to(self.dtype))
 

@@ -234,6 +234,32 @@ def test_weight_sharing_is_refused(tmp_path):
         analyzer.fit_all_factors("f", [(x, y)], FactorArguments(strategy="diagonal"))
 
 
+class SkipsSmallBatches(nn.Module):
+    """Its second layer runs only on batches of 3 or more examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.first(x))
+        return self.second(x) if len(x) >= 3 else x
+
+
+@pytest.mark.parametrize(
+    "queries,message",
+    [(5, "module 'second' ran for 3 of a batch's 5 queries"), (2, "module 'second' ran for the training examples")],
+)
+def test_a_module_that_skips_some_queries_is_refused_by_name(tmp_path, queries, message):
+    model = SkipsSmallBatches().double()
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
+    analyzer = Analyzer("t", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    analyzer.fit_all_factors("f", batches(x, y, 3), FactorArguments(strategy="diagonal"))
+    # 5 queries run as slices of 3 and 2 (the training batches' size), 2 queries as one batch of 2
+    with pytest.raises(InfluenceError, match=message):
+        analyzer.compute_pairwise_scores("s", "f", batches(x[:queries], y[:queries], queries), batches(x, y, 3))
+
+
 def test_profile_table_has_the_original_rows(setup):
     analyzer, data = setup
     analyzer.profiler.enabled = True
