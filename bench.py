@@ -285,7 +285,9 @@ def main() -> None:
         analyzer.fit_all_factors("f", batches, factor_args)
         phase_memory["factors"] = peak_memory(device)
         reset_peak_memory(device)
-        analyzer.compute_pairwise_scores("p", "f", query_batches, batches, score_args)
+        analyzer.compute_pairwise_scores(
+            "p", "f", query_batches, batches, score_args, query_slice_size=batches.batch_size
+        )
         phase_memory["Compute Pairwise Score"] = peak_memory(device)
         reset_peak_memory(device)
         analyzer.compute_self_scores("s", "f", batches, score_args)

@@ -282,7 +282,9 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
         for damping in args.damping_factor:
             name = strategy if damping == DEFAULT_DAMPING else f"{strategy}_damping_{damping_name(damping)}"
             score_args = ScoreArguments(damping_factor=damping, info=info)
-            result = analyzer.compute_pairwise_scores(name, strategy, query_batches, train_batches, score_args)
+            result = analyzer.compute_pairwise_scores(
+                name, strategy, query_batches, train_batches, score_args, query_slice_size=train_batches.batch_size
+            )
             folder = analyzer.scores_folder(name)
             check_shape(result["all_modules"], (len(queries), len(train_eval)), folder, f"delete {folder} to redo them")
             found[(strategy, damping_name(damping))] = result["all_modules"].float().cpu()

@@ -89,7 +89,7 @@ SCALES = {
         "train": ["--use_channels_last"],  # and --use_half_precision where bf16 pays: training_precision()
         "influence": [],
         # the original's 1,000 queries per batch: their preconditioned gradients hold 9.1 GB in fp32 (analyze.py
-        # peaks at 10.8 GB), which a 24 GiB machine keeps; each batch is a pass over the 50,000 training images
+        # peaked at 11.5 GB on 1,000 training images), which a 24 GiB machine keeps; each batch is one pass
         "queries": ["--query_batch_size", "1000"],
         # only on a CPU that emulates bf16 (bf16_is_emulated), where the whole job in bf16 would take days
         "half_check": HALF_CHECK,

@@ -43,7 +43,7 @@ from influence.distributed import Group, balanced_owners
 from influence.errors import InfluenceError
 from influence.factors import CovarianceAccumulator, LambdaAccumulator, eigendecomposition, kfac_lambda
 from influence.modules import Layer, find_layers, input_patches
-from influence.passes import ALL_MODULES, SECONDS, Columns, Loop, Pass, Rows, batch_length, stated_batch_size
+from influence.passes import ALL_MODULES, SECONDS, Columns, Loop, Pass, Rows, batch_length
 from influence.precondition import LayerPreconditioner
 from influence.profiler import Profiler, synchronize
 from influence.shifted import covariance_input
@@ -477,15 +477,23 @@ class Analyzer:
         train_dataset: Iterable[Any],
         score_args: ScoreArguments | None = None,
         overwrite_output_dir: bool = False,
+        query_slice_size: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """{"all_modules": [n_query, n_train]} (plus one entry per module with per_module), saved and returned.
 
         Each query batch is preconditioned once and held while one pass over the training data contracts it
         with every training batch's per-example gradients: the query batch size trades memory for passes.
+        query_slice_size: run each query batch's forward and backward in slices of this many queries (batches
+        whose every item is a tensor with one row per query), so that a large query batch costs the memory of its
+        preconditioned gradients and of a slice's activations, not of its own; None runs each query batch whole.
         The pass over query batches keeps the rows done as its state, saved after each query batch; the pass of
         the query batch in progress saves its columns in the same file, so an interrupted run resumes there.
         """
         args = score_args or ScoreArguments()
+        if query_slice_size is not None and not (isinstance(query_slice_size, int) and query_slice_size >= 1):
+            raise InfluenceError(
+                f"query_slice_size must be a positive number of queries or None, got {query_slice_size}"
+            )
 
         def compute(path: Path, preconditioners: dict[str, LayerPreconditioner], args: ScoreArguments) -> list | None:
             rows = Rows(self._names(args.per_module), partial_path(path))
@@ -496,7 +504,7 @@ class Analyzer:
 
             def query_batch(index: int, offset: int, batch: Any, count: int) -> None:
                 desc = f"Pairwise scores of query batch {index + 1}"
-                block = self._pairwise_block(preconditioners, batch, train_dataset, args, path, desc)
+                block = self._pairwise_block(preconditioners, batch, train_dataset, args, path, desc, query_slice_size)
                 if self.group.is_main:
                     rows.add(block)
 
@@ -515,6 +523,7 @@ class Analyzer:
         args: ScoreArguments,
         path: Path,
         desc: str,
+        slice_size: int | None,
     ) -> dict[str, torch.Tensor]:
         """Scores of one query batch against every training example, [Q, N], on rank 0's CPU."""
         contract_dtype = self._pass_dtype(args.use_half_precision)
@@ -531,13 +540,12 @@ class Analyzer:
             queries[layer.name][start : start + len(gradient)] = gradient
             filled[layer.name] = start + len(gradient)
 
-        # What a query batch must hold at once is its Q x P preconditioned gradients, written once into place; its
-        # forward and backward run in slices of a training batch's size where the training data states it (the
-        # caller sized those batches for the model), so the query batch size costs Q * P and little else: ResNet-9
-        # with 500 queries per batch peaked at 10.9 GB run whole and 6.4 GB in slices (1,000 queries: 10.8 GB).
+        # What a query batch must hold at once is its Q x P preconditioned gradients, written once into place; in
+        # slices, its forward and backward take a slice's memory, not its own (ResNet-9, 256 training images, 500
+        # queries per batch: 10.9 GB run whole, 6.4 GB in slices of 128; 1,000 queries: 10.8 GB).
         # Every rank preconditions the query batch itself: it costs one query batch's gradients, where sending
         # the preconditioned [Q, P] gradients would cost Q * P elements per rank.
-        step = stated_batch_size(train_dataset) or count
+        step = count if slice_size is None else slice_size
         for start in range(0, count, step):
             part = batch_slice(query_batch, start, start + step, count) if step < count else query_batch
             self._one_batch(part, precondition, "measurement", args.use_half_precision, "Query gradients")

@@ -42,9 +42,25 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_slice(batch: Any, start: int, end: int, examples: int) -> Any:
-    """Examples start:end of a batch of `examples`: each tensor whose leading dimension counts the examples is
-    sliced, any other (a mask shared by the batch, a scalar) is kept whole."""
-    return map_tensors(batch, lambda tensor: tensor[start:end] if tensor.dim() and len(tensor) == examples else tensor)
+    """Examples start:end of a batch of `examples` whose every item is a tensor with one row per example (nested
+    in dicts, lists, tuples); any other item (a list of names, a tensor shared by the batch) could not be cut
+    without a guess, so it is refused in one line."""
+
+    def check(item: Any) -> None:
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, (list, tuple)):
+            for value in item:
+                check(value)
+        elif not (isinstance(item, torch.Tensor) and item.dim() and len(item) == examples):
+            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+            raise InfluenceError(
+                f"query_slice_size cuts query batches whose every item is a tensor with one row per query; this "
+                f"batch of {examples} holds a {shape}: pass query_slice_size=None to run each query batch whole"
+            )
+
+    check(batch)
+    return map_tensors(batch, lambda tensor: tensor[start:end])
 
 
 def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -65,18 +65,6 @@ def batch_length(batch: Any) -> int:
     raise InfluenceError(f"cannot tell how many examples a batch holds: it has no tensor ({type(batch).__name__})")
 
 
-def stated_batch_size(data: Iterable[Any]) -> int | None:
-    """Examples per batch of `data` where it says so without being iterated (iterating may start workers, draw
-    a shuffle, or be counted): a loader's `batch_size` (torch's DataLoader, pipeline.TensorBatches), a list's
-    first batch; else None."""
-    size = getattr(data, "batch_size", None)
-    if isinstance(size, int) and size > 0:
-        return size
-    if isinstance(data, (list, tuple)) and data:
-        return batch_length(data[0])
-    return None
-
-
 @dataclass
 class Pass:
     """desc names the pass in messages; result: the file it ends in (its partial file is beside it);

@@ -169,25 +169,43 @@ def test_pairwise_scores_match_dense_curvature(tmp_path, kind, strategy):
 
 
 @pytest.mark.parametrize("kind", MODELS)
-@pytest.mark.parametrize("loader", ["list", "DataLoader"])
-def test_a_query_batch_larger_than_a_training_batch_runs_in_slices(tmp_path, kind, loader):
+@pytest.mark.parametrize("max_elements", [None, 40])  # 40: each layer's a, g and G in chunks of a few examples
+def test_a_query_batch_runs_in_slices_of_query_slice_size(tmp_path, kind, max_elements):
     analyzer, model, x, y, factors = fit(tmp_path, kind, "ekfac")
+    analyzer.max_elements = max_elements
     damping = well_conditioned_damping(factors)
     seen = []
     handle = model.register_forward_hook(lambda module, args, output: seen.append(len(args[0])))
     qx, qy = x[:11] - 0.2, y[:11]
-    if loader == "list":
-        train = batches(x, y, 3)
-    else:  # its batch_size says the slices' size; iterating it to find out would cost a pass's first batch
-        train = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=3)
+    args = ScoreArguments(damping_factor=damping)
     scores = analyzer.compute_pairwise_scores(
-        "s", "ekfac", batches(qx, qy, 11), train, ScoreArguments(damping_factor=damping)
+        "s", "ekfac", batches(qx, qy, 11), batches(x, y, 8), args, query_slice_size=3
     )
+    whole = analyzer.compute_pairwise_scores("w", "ekfac", batches(qx, qy, 11), batches(x, y, 8), args)
     handle.remove()
     expected = reference_scores(analyzer, model, x, y, qx, qy, factors, "ekfac", damping)
     assert relative_error(scores["all_modules"], expected) < 1e-8
-    # the 11 queries went through the model as 3 + 3 + 3 + 2, like the training batches (30 + 2 examples)
-    assert seen == [3, 3, 3, 2] + [3] * 10 + [2]
+    assert relative_error(whole["all_modules"], expected) < 1e-8
+    # the 11 queries went through the model as 3 + 3 + 3 + 2, then the 32 training examples as 4 batches of 8;
+    # without query_slice_size as one batch of 11
+    assert seen == [3, 3, 3, 2] + [8] * 4 + [11] + [8] * 4
+
+
+def test_batch_slice_cuts_every_tensor_and_refuses_what_it_cannot_cut():
+    from collections import namedtuple
+
+    from influence import InfluenceError
+    from influence.capture import batch_slice
+
+    pair = namedtuple("pair", "x y")
+    x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
+    cut = batch_slice({"inputs": pair(x, y), "more": [y]}, 1, 3, 5)
+    assert isinstance(cut["inputs"], pair)
+    assert torch.equal(cut["inputs"].x, x[1:3]) and torch.equal(cut["inputs"].y, y[1:3])
+    assert torch.equal(cut["more"][0], y[1:3])
+    for ambiguous in [(x, ["a", "b", "c", "d", "e"]), (x, torch.ones(3)), (x, torch.tensor(1.0))]:
+        with pytest.raises(InfluenceError, match="query_slice_size cuts query batches whose every item is a tensor"):
+            batch_slice(ambiguous, 0, 2, 5)
 
 
 @pytest.mark.parametrize("strategy", ["diagonal", "kfac", "ekfac"])

@@ -255,9 +255,12 @@ def test_a_module_that_skips_some_queries_is_refused_by_name(tmp_path, queries, 
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 3, (6,))
     analyzer = Analyzer("t", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
     analyzer.fit_all_factors("f", batches(x, y, 3), FactorArguments(strategy="diagonal"))
-    # 5 queries run as slices of 3 and 2 (the training batches' size), 2 queries as one batch of 2
+    # 5 queries run as slices of 3 and 2, 2 queries as one slice of 2
     with pytest.raises(InfluenceError, match=message):
-        analyzer.compute_pairwise_scores("s", "f", batches(x[:queries], y[:queries], queries), batches(x, y, 3))
+        query_batches = batches(x[:queries], y[:queries], queries)
+        analyzer.compute_pairwise_scores("s", "f", query_batches, batches(x, y, 3), query_slice_size=3)
+    with pytest.raises(InfluenceError, match="query_slice_size must be a positive number of queries or None, got 0"):
+        analyzer.compute_pairwise_scores("s", "f", batches(x, y, 3), batches(x, y, 3), query_slice_size=0)
 
 
 def test_profile_table_has_the_original_rows(setup):
