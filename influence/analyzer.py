@@ -18,8 +18,8 @@ Peak memory of compute_pairwise_scores, in elements (times 4 bytes in fp32, 2 fo
   + C * max_l(out_l * in'_l) + C * max_l(T_l * (in'_l + out_l))   one chunk's per-example gradients and a, g,
                           C = examples per chunk (max_elements bounds each of these tensors)
   + Q * N                 the scores
-  + the model's own forward/backward memory for a batch of B examples (a query batch runs in slices of the
-                          training batches' size where the training data states it: a loader's batch_size, a list).
+  + the model's own forward/backward memory for a batch of B examples (a training batch, or a query batch's
+                          slice of query_slice_size queries; without it the whole query batch).
 compute_self_scores needs the last three terms with Q = 0; the factor passes need C * max_l T_l * (in'_l + out_l)
 plus the factors, sum_l (in'_l^2 + out_l^2 + out_l * in'_l).
 """
