@@ -10,7 +10,7 @@ scores (about 0) and, with K >= 2, the agreement of two seeds' margins (what ret
 Tiny check (minutes on a CPU):
     python evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/tiny --num_train 64 --num_queries 8 \
         --num_subsets 6 --seeds_per_subset 2 --train_batch_size 32 --num_train_epochs 2
-CPU scale (docs/lds.md says why these sizes; about 70 minutes on 2 cores with two processes):
+CPU scale (docs/lds.md says why these sizes; about an hour on 2 cores with two processes):
     torchrun --nproc_per_node=2 evaluate_lds.py --dataset_dir ./data --output_dir ./lds_results/cpu \
         --num_train 500 --num_queries 100 --num_subsets 30 --seeds_per_subset 2 \
         --train_batch_size 32 --num_train_epochs 20 --damping_factor 1e-8 heuristic --profile

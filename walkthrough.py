@@ -19,7 +19,7 @@ Scales:
   cpu:  a model that fits its labels on a subset a 2-core CPU trains in minutes, every strategy for mislabel
         detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on CPUs
         without bf16 units), the benchmark, the same jobs split over 2 processes, and the LDS of every strategy
-        against 60 retrainings (about 70 minutes more).
+        against 60 retrainings (about an hour more).
   full: the original example's full job on a CPU (hours to a day on 2 cores: docs/full_size.md): the 10%-corrupted
         model trained with the original recipe and its detection with every strategy first (EK-FAC in fp32, as the
         original; the other strategies in bf16 where the models train in bf16), then the clean model,
