@@ -79,7 +79,7 @@ def main() -> None:
         train_batches,
         score_args,
         overwrite_output_dir=args.overwrite_output_dir,
-        query_slice_size=args.influence_batch_size,  # the forward batch the passes take: 1,000 queries fit in memory
+        query_slice_size=train_batches.batch_size,  # the forward batch the passes take: 1,000 queries fit in memory
     )["all_modules"]
     check_shape(scores, (len(queries), len(train)), analyzer.scores_folder(name))
     if is_main():

@@ -71,6 +71,9 @@ FITTED_FOR = "strategy"
 # A factor step's report that it found its result made by an earlier run: finished(action, result file).
 Finished = Callable[[str, Path], None]
 
+# What a query batch's errors ask of the model: the preconditioned rows of a module come from every forward pass.
+EVERY_FORWARD = "every tracked module must run in every forward pass (leave it out of tracked_modules())"
+
 # Seconds between saves of a pass's partial sums when the Analyzer is given none.
 DEFAULT_SAVE_INTERVAL = 120.0
 
@@ -551,10 +554,7 @@ class Analyzer:
             self._one_batch(part, precondition, "measurement", args.use_half_precision, "Query gradients")
         for name, done in filled.items():  # rows never written would be whatever memory held
             if done != count:
-                raise InfluenceError(
-                    f"module {name!r} ran for {done} of a batch's {count} queries: every tracked "
-                    "module must run in every forward pass (leave it out of tracked_modules())"
-                )
+                raise InfluenceError(f"module {name!r} ran for {done} of a batch's {count} queries: {EVERY_FORWARD}")
         columns = Columns(self.layers, args.per_module, (count,), self.dtype, self.device)
 
         def contract(layer: Layer, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -562,9 +562,7 @@ class Analyzer:
             query = queries.get(layer.name)
             if query is None:
                 raise InfluenceError(
-                    f"module {layer.name!r} ran for the training examples but not for the queries: "
-                    "every tracked module must run in every forward pass (leave it out of "
-                    "tracked_modules())"
+                    f"module {layer.name!r} ran for the training examples but not for the queries: {EVERY_FORWARD}"
                 )
             flops.add(2 * query.shape[0] * gradient.numel(), query.dtype, query.device)
             columns.add(layer.name, (query @ gradient.T).to(self.dtype))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -23,16 +23,19 @@ Process = Callable[[Layer, Any, torch.Tensor], None]
 Inputs = Callable[[Layer, torch.Tensor], Any]
 
 
-def map_tensors(batch: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """The (nested) batch with fn applied to each of its tensors, dicts, lists, tuples and named tuples kept."""
+def map_tensors(
+    batch: Any, fn: Callable[[torch.Tensor], torch.Tensor], other: Callable[[Any], Any] = lambda x: x
+) -> Any:
+    """The (nested) batch with fn applied to each of its tensors and `other` to any other item (kept as it is by
+    default), dicts, lists, tuples and named tuples kept."""
     if isinstance(batch, torch.Tensor):
         return fn(batch)
     if isinstance(batch, dict):
-        return {key: map_tensors(value, fn) for key, value in batch.items()}
+        return {key: map_tensors(value, fn, other) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
-        mapped = [map_tensors(value, fn) for value in batch]
+        mapped = [map_tensors(value, fn, other) for value in batch]
         return type(batch)(*mapped) if hasattr(batch, "_fields") else type(batch)(mapped)
-    return batch
+    return other(batch)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -46,21 +49,17 @@ def batch_slice(batch: Any, start: int, end: int, examples: int) -> Any:
     in dicts, lists, tuples); any other item (a list of names, a tensor shared by the batch) could not be cut
     without a guess, so it is refused in one line."""
 
-    def check(item: Any) -> None:
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, (list, tuple)):
-            for value in item:
-                check(value)
-        elif not (isinstance(item, torch.Tensor) and item.dim() and len(item) == examples):
-            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
-            raise InfluenceError(
-                f"query_slice_size cuts query batches whose every item is a tensor with one row per query; this "
-                f"batch of {examples} holds a {shape}: pass query_slice_size=None to run each query batch whole"
-            )
+    def refuse(item: Any) -> NoReturn:
+        shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+        raise InfluenceError(
+            f"query_slice_size cuts query batches whose every item is a tensor with one row per query; this "
+            f"batch of {examples} holds a {shape}: pass query_slice_size=None to run each query batch whole"
+        )
 
-    check(batch)
-    return map_tensors(batch, lambda tensor: tensor[start:end])
+    def cut(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[start:end] if tensor.dim() and len(tensor) == examples else refuse(tensor)
+
+    return map_tensors(batch, cut, refuse)
 
 
 def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
