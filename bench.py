@@ -258,7 +258,7 @@ def main() -> None:
         train, queries = random_data(args.num_train, device, 0), random_data(args.num_queries, device, 1)
 
     # The fp32 rate is measured before and after the passes: on a shared machine (or one that throttles) it moves,
-    # and the floor is only as good as the rate it divides by. (Only fp32: emulated bf16 can take minutes.)
+    # and the floor is only as good as the rate it divides by. (fp32 only: one rate shows the machine move.)
     kinds = precisions(device, args.use_half_precision)
     size = matmul_size(args, device)
     fp32_before = measure_rates(device, [torch.float32], size)[torch.float32]

@@ -17,16 +17,15 @@ Scales:
   demo: 500 training images and a short training, EK-FAC pairwise scores for 16 test images with the picture of
         their most influential training images, and mislabel detection with its figure.
   cpu:  a model that fits its labels on a subset a 2-core CPU trains in minutes, every strategy for mislabel
-        detection, EK-FAC pairwise scores, bf16 checked on a smaller subset (bf16 may be emulated on CPUs
-        without bf16 units), the benchmark, the same jobs split over 2 processes, and the LDS of every strategy
-        against 60 retrainings (about an hour more).
+        detection, EK-FAC pairwise scores, bf16 checked on a smaller subset, the benchmark, the same jobs split
+        over 2 processes, and the LDS of every strategy against 60 retrainings (about an hour more).
   full: the original example's full job on a CPU (hours to a day on 2 cores: docs/full_size.md): the 10%-corrupted
         model trained with the original recipe and its detection with every strategy first (EK-FAC in fp32, as the
         original; the other strategies in bf16 where the models train in bf16), then the clean model,
         EK-FAC pairwise scores of 2,000 queries x 50,000 in fp32 and bf16 and their agreement (on a CPU without
-        bf16 units, where bf16 is emulated, the agreement of 20 queries x 200 instead), the most influential
-        images, and the CIFAR-10N model and its detection. The models train with channels-last, in bf16 where
-        this CPU's bf16 products are faster than fp32 (see --train_precision), else in fp32.
+        bf16 units bf16 is emulated, at about the fp32 speed), the most influential images, and the CIFAR-10N
+        model and its detection. The models train with channels-last, in bf16 where this CPU's bf16 products are
+        faster than fp32 (see --train_precision), else in fp32.
   gpu:  the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32
         and bf16, self-influence of all 50,000, every strategy, the full-size benchmark, and the LDS against 200
         retrainings on halves of the 50,000 (hours: docs/lds.md).
@@ -53,7 +52,7 @@ import torch
 
 from example.errors import PipelineError
 from example.flags import POSITIVE_INT, add_data_flags, folder
-from example.hardware import bf16_is_emulated, cpu_bf16_units, matmul_rate
+from example.hardware import cpu_bf16_units, matmul_rate
 from example.run import ArgumentParser, run_cli
 from influence import STRATEGIES, write_atomically
 
@@ -61,7 +60,7 @@ from influence import STRATEGIES, write_atomically
 # steps then decayed linearly to 0, weight decay 1e-3, crops and flips); the CPU recipe takes a subset small enough
 # to train in minutes and enough steps (small batches) for the model to fit its own labels, wrong ones included.
 # Every step gets --dataset_dir; the benchmark is sized here.
-# The bf16 check where bf16 may be emulated: 200 training images, 20 queries
+# The CPU walk-through's bf16 check: 200 training images, 20 queries
 HALF_CHECK = ["--num_train", "200", "--num_queries", "20", "--query_batch_size", "20"]
 FULL_BENCH = ["--num_train", "50000", "--num_queries", "2000", "--query_batch_size", "1000"]
 SCALES = {
@@ -76,7 +75,7 @@ SCALES = {
         "queries": ["--num_queries", "100", "--query_batch_size", "100"],
         "half_check": HALF_CHECK,
         "bench": ["--num_train", "1000", "--num_queries", "50"],
-        # bf16 is emulated on CPUs without bf16 units (about 5 s per image for Lambda alone on AVX2): kept tiny
+        # a short look at bf16 beside the fp32 benchmark above
         "bench_bf16": ["--num_train", "32", "--num_queries", "8"],
         # 4 batches, so that 2 processes get 2 each
         "scaling": ["--num_train", "512", "--influence_batch_size", "128"],
@@ -91,8 +90,6 @@ SCALES = {
         # the original's 1,000 queries per batch: their preconditioned gradients hold 9.1 GB in fp32 (analyze.py
         # peaked at 11.5 GB on 1,000 training images), which a 24 GiB machine keeps; each batch is one pass
         "queries": ["--query_batch_size", "1000"],
-        # only on a CPU that emulates bf16 (bf16_is_emulated), where the whole job in bf16 would take days
-        "half_check": HALF_CHECK,
     },
     "gpu": {
         "train": ["--use_channels_last"],
@@ -108,7 +105,7 @@ SCALES = {
 SPENT_INTERVAL = 30  # seconds between saves of a running step's time so far (<name>.spent)
 # The full job on a CPU outlasts a working session: the headline result (detection on the corrupted labels) first.
 FULL_ORDER = ["train_corrupt", "detect_ekfac", "detect_identity", "detect_diagonal", "detect_kfac", "train_clean"]
-FULL_ORDER += ["analyze_ekfac", "analyze_ekfac_bf16", "half_check_fp32", "half_check_bf16", "half_precision"]
+FULL_ORDER += ["analyze_ekfac", "analyze_ekfac_bf16", "half_precision"]
 FULL_ORDER += ["top_influential"]
 FULL_ORDER += ["train_noisy", "detect_noisy_ekfac"]
 BF16_PAYS = 1.2  # bf16 training at the full scale where bf16 products run this many times the fp32 rate
@@ -235,14 +232,14 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
         analyze += ["--num_queries", str(args.num_queries)]
     found.append(("analyze_ekfac", [*analyze, *scale["queries"]], {}))
     half_figure = ["--figure", f"{figures}/half_precision.png"]
-    if args.scale == "full" and not bf16_is_emulated():  # the same job in bf16, its fp32 scores from analyze_ekfac
+    if args.scale == "full":  # the same job in bf16, its fp32 scores from analyze_ekfac
         found += [
             ("analyze_ekfac_bf16", [*analyze, *scale["queries"], "--use_half_precision"], {}),
             ("half_precision", [*py, "half_precision_analysis.py", *results, *half_figure], {}),
         ]
     else:  # on the CPU scales, bf16 is compared on a smaller subset of its own; on a GPU, on the full job above
         own_folder = [*results[:1], str(out / "influence_results_half_check")]
-        half = own_folder if args.scale in ("cpu", "full") else results
+        half = own_folder if args.scale == "cpu" else results
         half_data = [*py, "analyze.py", *data, *half, "--factor_strategy", "ekfac", "--profile", *scale["half_check"]]
         found += [
             ("half_check_fp32", half_data, {}),

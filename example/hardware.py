@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from influence import flops, synchronize
+from influence import flops, products, synchronize
 
 # ---- bf16 on the CPU ----
 
@@ -19,7 +19,7 @@ from influence import flops, synchronize
 def cpu_bf16_units(flags: str | None = None) -> str | None:
     """The CPU's bf16 product units, from its feature flags (/proc/cpuinfo's `flags` or `Features` words): "AMX"
     (amx_bf16: Intel Xeon since Sapphire Rapids), "AVX-512 BF16" (avx512_bf16: AMD since Zen 4, Intel Cooper Lake),
-    "Arm BF16" (bf16: Armv8.6), or None, where torch emulates bf16 products in fp32 and they run slower than fp32.
+    "Arm BF16" (bf16: Armv8.6), or None, where bf16 products are emulated in fp32 and run no faster than fp32.
     Without /proc/cpuinfo (macOS, Windows) torch's own x86 checks answer."""
     if flags is None:
         flags = _cpu_flags()
@@ -65,13 +65,7 @@ def bf16_hardware_note() -> str:
     if torch.cuda.is_available():
         return "this machine's GPU: " + ("bf16 units" if torch.cuda.is_bf16_supported() else "no bf16 units")
     units = cpu_bf16_units()
-    return f"this CPU has {units} units" if units else "this CPU has no bf16 units: emulated, slower than fp32"
-
-
-def bf16_is_emulated() -> bool:
-    """Whether the scripts' bf16 runs without bf16 units here: a machine without a GPU whose CPU has none (AVX2),
-    where bf16 takes about 5 s per image for EK-FAC's Lambda alone."""
-    return not torch.cuda.is_available() and cpu_bf16_units() is None
+    return f"this CPU has {units} units" if units else "this CPU has no bf16 units: emulated, no faster than fp32"
 
 
 def emulated_bf16_note(device: torch.device, half: bool, units: str | None = "unknown") -> str | None:
@@ -79,7 +73,7 @@ def emulated_bf16_note(device: torch.device, half: bool, units: str | None = "un
     units = cpu_bf16_units() if units == "unknown" else units
     if not half or device.type != "cpu" or units is not None:
         return None
-    return "note: this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 is emulated and slower than fp32 here"
+    return "note: this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 is emulated here, no faster than fp32"
 
 
 # ---- Product rates ----
@@ -111,7 +105,8 @@ def timed(device: torch.device, run: Callable[[], object]) -> float:
 
 
 def matmul_rate(device: torch.device, precision: flops.Precision, size: int) -> float:
-    """Best FLOP/s of a square matrix product in `precision` on this device (TF32: fp32 operands, TF32 allowed)."""
+    """Best FLOP/s of a square matrix product in `precision` on this device (TF32: fp32 operands, TF32 allowed), as
+    the engine multiplies (influence.products: bf16 in fp32 on a CPU without native bf16 kernels)."""
     dtype = torch.float32 if precision == flops.TF32 else precision
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -119,9 +114,9 @@ def matmul_rate(device: torch.device, precision: flops.Precision, size: int) -> 
     best = float("inf")
     with tf32_matmuls(precision == flops.TF32):
         if device.type == "cuda":
-            a @ b  # the first call picks the kernel
+            products.matmul(a, b)  # the first call picks the kernel
         for _ in range(5):
-            best = min(best, timed(device, lambda: [a @ b for _ in range(repeats)]) / repeats)
+            best = min(best, timed(device, lambda: [products.matmul(a, b) for _ in range(repeats)]) / repeats)
     return 2 * size**3 / best
 
 

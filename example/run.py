@@ -184,7 +184,7 @@ def start_influence_run(args: argparse.Namespace) -> torch.device:
 
 
 def say_if_bf16_is_emulated(device: torch.device, half: bool) -> None:
-    """Rank 0 says in one line when bf16 was asked for on a CPU that emulates it (slower than fp32 there)."""
+    """Rank 0 says in one line when bf16 was asked for on a CPU that emulates it (no faster than fp32 there)."""
     note = emulated_bf16_note(device, half)
     if note is not None and is_main():
         print(note, file=sys.stderr, flush=True)

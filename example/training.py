@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from example.flags import FP32_POLICY, NON_NEGATIVE, POSITIVE_INT, add_save_inte
 from example.hardware import bf16_hardware_note
 from example.sgd import SGD
 from example.train_state import not_a_training_state, restore_training_state, save_training_state
-from influence import Group, Saver, Store, interrupt
+from influence import Group, Saver, Store, interrupt, products
 from pipeline import CifarData, TensorBatches, construct_resnet9
 
 # Fraction of training at which the learning rate peaks (epoch 5 of the original 25).
@@ -218,7 +219,7 @@ def train_model(
                 if step < skip:  # done before the interruption (iterated all the same: it draws the augmentation)
                     continue
                 x = x.contiguous(memory_format=memory_format)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.use_half_precision):
+                with products.bf16_autocast(device.type) if args.use_half_precision else nullcontext():
                     loss = F.cross_entropy(trained(x), y)
                 optimizer.zero_grad()
                 loss.backward()

@@ -1,10 +1,11 @@
 """Influence functions (training-data attribution) with EK-FAC, K-FAC, diagonal and identity curvature.
 
 Everything a program built on the engine needs is importable from here (`from influence import Analyzer, ...`);
-the submodules flops, stages, interrupt and distributed are importable as modules too. docs/engine.md lists the API.
+the submodules flops, products, stages, interrupt and distributed are importable as modules too. docs/engine.md
+lists the API.
 """
 
-from influence import distributed, flops, interrupt, stages
+from influence import distributed, flops, interrupt, products, stages
 from influence.analyzer import DEFAULT_SAVE_INTERVAL, Analyzer, batch_seed
 from influence.arguments import DEFAULT_DAMPING, FactorArguments, ScoreArguments
 from influence.distributed import (
@@ -91,6 +92,7 @@ __all__ = [
     # timing and FLOP counts
     "synchronize",
     "flops",
+    "products",
     "stages",
     # results on disk
     "FACTOR_ARGUMENTS",

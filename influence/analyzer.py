@@ -45,6 +45,7 @@ from influence.factors import CovarianceAccumulator, LambdaAccumulator, eigendec
 from influence.modules import Layer, find_layers, input_patches
 from influence.passes import ALL_MODULES, SECONDS, Columns, Loop, Pass, Rows, batch_length
 from influence.precondition import LayerPreconditioner
+from influence.products import matmul
 from influence.profiler import Profiler, synchronize
 from influence.shifted import covariance_input
 from influence.storage import (
@@ -565,7 +566,7 @@ class Analyzer:
                     f"module {layer.name!r} ran for the training examples but not for the queries: {EVERY_FORWARD}"
                 )
             flops.add(2 * query.shape[0] * gradient.numel(), query.dtype, query.device)
-            columns.add(layer.name, (query @ gradient.T).to(self.dtype))
+            columns.add(layer.name, matmul(query, gradient.T).to(self.dtype))
 
         job = Pass(desc, train_dataset, columns, path)
         self._train_pass(job, contract, "train", args.use_half_precision, contract_dtype, after=columns.end_batch)

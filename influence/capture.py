@@ -18,6 +18,7 @@ from torch import nn
 from influence import flops, stages
 from influence.errors import InfluenceError
 from influence.modules import Layer, input_patches, output_gradients
+from influence.products import bf16_autocast, matmul
 
 Process = Callable[[Layer, Any, torch.Tensor], None]
 Inputs = Callable[[Layer, torch.Tensor], Any]
@@ -66,7 +67,7 @@ def per_example_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """G[n] = sum_t g[n, t] a[n, t]^T as [B, out, in']."""
     batch, positions, in_dim = a.shape
     flops.add(2 * batch * positions * in_dim * g.shape[2], a.dtype, a.device)
-    return torch.bmm(g.transpose(1, 2), a)
+    return matmul(g.transpose(1, 2), a)
 
 
 def chunk_size(layer: Layer, positions: int, max_elements: int | None, examples: int, gradients: bool = True) -> int:
@@ -197,7 +198,7 @@ def backward_batch(
     """
     capture.new_batch()
     device_type = next(model.parameters()).device.type
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if half else nullcontext()
+    autocast = bf16_autocast(device_type) if half else nullcontext()
     with stages.stage(stages.MODEL), autocast:
         loss = loss_fn(batch, model)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:

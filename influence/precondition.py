@@ -14,6 +14,7 @@ import torch
 
 from influence import flops
 from influence.capture import per_example_gradient
+from influence.products import matmul
 
 if TYPE_CHECKING:
     from influence.strategies import Strategy
@@ -36,14 +37,14 @@ def rotated_gradient(a: torch.Tensor, g: torch.Tensor, q_a: torch.Tensor, q_s: t
         2 * batch * (in_dim**2 * min(positions, out_dim) + out_dim**2 * min(positions, in_dim)), a.dtype, a.device
     )
     if a_rows_first:
-        a = (a.reshape(-1, in_dim) @ q_a).view(batch, positions, in_dim)
+        a = matmul(a.reshape(-1, in_dim), q_a).view(batch, positions, in_dim)
     if g_rows_first:
-        g = (g.reshape(-1, out_dim) @ q_s).view(batch, positions, out_dim)
+        g = matmul(g.reshape(-1, out_dim), q_s).view(batch, positions, out_dim)
     gradient = per_example_gradient(a, g)
     if not a_rows_first:
-        gradient = gradient @ q_a
+        gradient = matmul(gradient, q_a)
     if not g_rows_first:
-        gradient = torch.matmul(q_s.T, gradient)
+        gradient = matmul(q_s.T, gradient)
     return gradient
 
 
@@ -77,7 +78,7 @@ def squared_gradient_norm(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     out_dim = g.shape[2]
     if positions * (in_dim + out_dim) < out_dim * in_dim:
         flops.add(2 * batch * positions * positions * (in_dim + out_dim), a.dtype, a.device)
-        return (widened(g @ g.transpose(1, 2)) * widened(a @ a.transpose(1, 2))).sum(dim=(1, 2))
+        return (widened(matmul(g, g.transpose(1, 2))) * widened(matmul(a, a.transpose(1, 2)))).sum(dim=(1, 2))
     gradient = per_example_gradient(a, g)
     flops.add(2 * gradient.numel(), wide(gradient.dtype), gradient.device)
     return squares(gradient).sum(dim=(1, 2))

@@ -28,6 +28,7 @@ from influence.precondition import (
     weighted_square_sums,
     wide,
 )
+from influence.products import matmul
 
 # The factor files, by kind (the file is <kind>.safetensors in the factors folder).
 COVARIANCES = ("activation_covariance", "gradient_covariance")
@@ -148,7 +149,7 @@ class Eigenbasis(Strategy):
         rotated = rotated_gradient(a, g, p.q_a, p.q_s) * p.inverse
         batch, out_dim, in_dim = rotated.shape
         flops.add(2 * batch * out_dim * in_dim * (out_dim + in_dim), rotated.dtype, rotated.device)
-        return torch.matmul(p.q_s, rotated) @ p.q_a.T
+        return matmul(matmul(p.q_s, rotated), p.q_a.T)
 
     def self_score(self, preconditioner, a, g) -> torch.Tensor:
         """Without rotating back: sum((Q_S^T G Q_A)^2 / (Lambda + d))."""

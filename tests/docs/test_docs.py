@@ -145,9 +145,7 @@ def test_the_full_size_page_lists_the_full_scale_steps_in_order(tmp_path):
     page = (REPO_ROOT / "docs" / "full_size.md").read_text()
     table = page[page.index("| step |") : page.index("\n\n", page.index("| step |"))]
     listed = re.findall(r"`(\w+)`", "".join(row.split(" | ")[0] for row in table.splitlines()[2:]))
-    # bf16 runs at full size, or on a subset where it is emulated: the page lists both, the plan one of them.
-    either = {"analyze_ekfac_bf16", "half_check_fp32", "half_check_bf16"}
-    assert [name for name in listed if name in steps] == steps and set(listed) - set(steps) < either
+    assert listed == steps
 
 
 @pytest.mark.parametrize("scale", ["cpu", "gpu"])

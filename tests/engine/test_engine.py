@@ -289,9 +289,13 @@ def float32_cnn(tmp_path, seed):
     return analyzer, x, y, batches(x, y, 64)
 
 
-def test_bf16_scores_rank_like_fp32(tmp_path):
+@pytest.mark.parametrize("native", [True, False], ids=["torch-bf16-kernels", "bf16-in-fp32"])
+def test_bf16_scores_rank_like_fp32(tmp_path, monkeypatch, native):
     from scipy.stats import spearmanr
 
+    from influence import products
+
+    monkeypatch.setattr(products, "native_cpu_bf16", lambda: native)
     analyzer, x, y, data = float32_cnn(tmp_path, seed=5)
     results = {}
     for half in (False, True):
@@ -317,9 +321,13 @@ def test_channels_last_model_gives_the_same_scores(tmp_path, strategy):
     assert factors["lambda_matrix"].keys() == {"0", "2", "5"}
 
 
-def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path):
+@pytest.mark.parametrize("native", [True, False], ids=["torch-bf16-kernels", "bf16-in-fp32"])
+def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path, monkeypatch, native):
     from scipy.stats import spearmanr
 
+    from influence import products
+
+    monkeypatch.setattr(products, "native_cpu_bf16", lambda: native)
     analyzer, _, _, data = float32_cnn(tmp_path, seed=6)
     factors, scores = {}, {}
     for half in (False, True):
@@ -331,6 +339,62 @@ def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path):
     for name, full in factors[False]["lambda_matrix"].items():
         assert relative_error(factors[True]["lambda_matrix"][name], full) < 0.05
     assert spearmanr(scores[False].numpy(), scores[True].numpy()).statistic > 0.99
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize(
+    "shapes", [((40, 24), (24, 17)), ((3, 40, 24), (24, 17)), ((40, 24), (3, 24, 17)), ((3, 40, 24), (3, 24, 17))]
+)
+def test_bf16_products_are_what_bf16_units_compute(monkeypatch, native, shapes):
+    """Native bf16 kernels, or bf16 values multiplied in fp32 where torch has none (influence.products): either way
+    the float64 product of the bf16 operands, rounded to bf16, to within one bf16 rounding step (2^-8)."""
+    from influence import products
+
+    monkeypatch.setattr(products, "native_cpu_bf16", lambda: native)
+    torch.manual_seed(9)
+    x, y = (torch.randn(shape).bfloat16() for shape in shapes)
+    x = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # one operand transposed in memory, as the passes have
+    assert products.widens_bf16(x) is not native
+    found = products.matmul(x, y)
+    reference = torch.matmul(x.double(), y.double())
+    assert found.dtype == torch.bfloat16 and found.shape == reference.shape
+    assert ((found.double() - reference).abs() <= 2**-8 * reference.abs() + 1e-30).all()
+    assert not products.widens_bf16(x.float()) and not products.widens_bf16(
+        torch.empty(2, dtype=torch.bfloat16, device="meta")
+    )
+
+
+@pytest.mark.parametrize("op", ["conv2d", "linear", "matmul"])
+def test_bf16_autocast_products_carried_in_fp32_round_once(monkeypatch, op):
+    """bf16_autocast where torch has no native bf16 kernels: a product's output and its operands' gradients are each
+    the float64 result on the bf16 operands, rounded to bf16 once, as bf16 units give them (torch's generic bf16
+    kernels round more often: here their convolution's input gradient is 2.4 times further off)."""
+    import torch.nn.functional as F
+
+    from influence import products
+
+    monkeypatch.setattr(products, "native_cpu_bf16", lambda: False)
+    torch.manual_seed(11)
+    x, w = {
+        "conv2d": (torch.randn(4, 6, 7, 7), torch.randn(5, 6, 3, 3)),
+        "linear": (torch.randn(9, 30), torch.randn(12, 30)),
+        "matmul": (torch.randn(3, 9, 30), torch.randn(30, 12)),
+    }[op]
+    apply = {"conv2d": partial(F.conv2d, padding=1), "linear": F.linear, "matmul": lambda a, b: a @ b}[op]
+    found = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    with products.bf16_autocast("cpu"):
+        output = apply(*found)
+    assert output.dtype == torch.bfloat16
+    output_gradient = torch.randn(output.shape).bfloat16()
+    output.backward(output_gradient)
+    exact = [x.bfloat16().double().requires_grad_(), w.bfloat16().double().requires_grad_()]
+    reference = apply(*exact)
+    reference.backward(output_gradient.double())
+    pairs = [(output, reference), (found[0].grad, exact[0].grad), (found[1].grad, exact[1].grad)]
+    for value, expected in pairs:
+        expected = expected.detach()
+        slack = 2**-8 * expected.abs() + 1e-5 * expected.abs().max()  # one rounding; fp32 sums where terms cancel
+        assert ((value.detach().double() - expected).abs() <= slack).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -299,17 +299,13 @@ def test_walkthrough_arguments(tmp_path):
     cpu_full = run("walkthrough.py", "--scale", "full", "--dry_run", "--out_dir", str(tmp_path / "full")).stdout
     names = [line.split(":")[0] for line in cpu_full.splitlines()]
     assert names[:3] == ["train_corrupt", "detect_ekfac", "detect_identity"] and "bench_fp32" not in names
-    full_size = [line for line in cpu_full.splitlines() if not line.startswith("half_check_")]  # bf16 emulated
-    assert not any("--num_train" in line for line in full_size) and "--use_channels_last" in cpu_full
-    import walkthrough
-
-    bf16_steps = {"half_check_fp32", "half_check_bf16"} if walkthrough.bf16_is_emulated() else {"analyze_ekfac_bf16"}
-    assert {*bf16_steps, "half_precision"} | {f"detect_{s}" for s in ("identity", "diagonal", "kfac", "ekfac")} <= set(
-        names
-    )
+    assert "--num_train" not in cpu_full and "--use_channels_last" in cpu_full
+    steps = {"analyze_ekfac_bf16", "half_precision"} | {
+        f"detect_{s}" for s in ("identity", "diagonal", "kfac", "ekfac")
+    }
+    assert steps <= set(names)
     assert str(tmp_path / "full" / "checkpoints") in cpu_full and not (tmp_path / "full").exists()
-    # --skip takes the bf16 steps of either kind of machine, so that one command serves both.
-    skip = ["--skip", "analyze_ekfac_bf16", "half_check_fp32", "half_check_bf16", "half_precision"]
+    skip = ["--skip", "analyze_ekfac_bf16", "half_precision"]
     parted = run("walkthrough.py", "--scale", "full", "--dry_run", *skip, "--out_dir", str(tmp_path / "full")).stdout
     assert [line.split(":")[0] for line in parted.splitlines()] == [n for n in names if n not in skip]
 
