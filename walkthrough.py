@@ -237,7 +237,7 @@ def steps(args) -> list[tuple[str, list[str], dict[str, str]]]:
             ("analyze_ekfac_bf16", [*analyze, *scale["queries"], "--use_half_precision"], {}),
             ("half_precision", [*py, "half_precision_analysis.py", *results, *half_figure], {}),
         ]
-    else:  # on the CPU scales, bf16 is compared on a smaller subset of its own; on a GPU, on the full job above
+    else:  # at cpu scale bf16 is compared on a smaller subset of its own; on a GPU, on the full job above
         own_folder = [*results[:1], str(out / "influence_results_half_check")]
         half = own_folder if args.scale == "cpu" else results
         half_data = [*py, "analyze.py", *data, *half, "--factor_strategy", "ekfac", "--profile", *scale["half_check"]]

@@ -15,6 +15,8 @@ from influence import flops, products, synchronize
 
 # ---- bf16 on the CPU ----
 
+EMULATED_BF16 = "bf16 is emulated here, no faster than fp32"  # in fp32, rounded to bf16: influence/products.py
+
 
 def cpu_bf16_units(flags: str | None = None) -> str | None:
     """The CPU's bf16 product units, from its feature flags (/proc/cpuinfo's `flags` or `Features` words): "AMX"
@@ -65,7 +67,7 @@ def bf16_hardware_note() -> str:
     if torch.cuda.is_available():
         return "this machine's GPU: " + ("bf16 units" if torch.cuda.is_bf16_supported() else "no bf16 units")
     units = cpu_bf16_units()
-    return f"this CPU has {units} units" if units else "this CPU has no bf16 units: emulated, no faster than fp32"
+    return f"this CPU has {units} units" if units else f"this CPU has no bf16 units: {EMULATED_BF16}"
 
 
 def emulated_bf16_note(device: torch.device, half: bool, units: str | None = "unknown") -> str | None:
@@ -73,7 +75,7 @@ def emulated_bf16_note(device: torch.device, half: bool, units: str | None = "un
     units = cpu_bf16_units() if units == "unknown" else units
     if not half or device.type != "cpu" or units is not None:
         return None
-    return "note: this CPU has no bf16 units (AMX or AVX-512 BF16): bf16 is emulated here, no faster than fp32"
+    return f"note: this CPU has no bf16 units (AMX or AVX-512 BF16): {EMULATED_BF16}"
 
 
 # ---- Product rates ----

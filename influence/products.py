@@ -1,13 +1,13 @@
 """The engine's matrix products, and bf16 products carried in fp32 where torch's bf16 kernels are slow.
 
 torch multiplies bf16 matrices on a CPU with oneDNN where oneDNN has bf16 kernels for it (x86 with AVX-512, Arm
-with bf16). Elsewhere (x86 with AVX2 only: AMD Zen 3 and older, most laptops) it falls back to generic kernels far
-below the fp32 rate: on a 2-core AMD EPYC Zen 3, 0.7 GFLOP/s for [2048, 2304] @ [2304, 2304] and 19 to 23 GFLOP/s
-with one operand transposed, against 120 to 160 in fp32, and ResNet-9's forward and backward under bf16 autocast
-27 times slower than in fp32. There the bf16 products multiply the bf16 values in fp32 and round the result to
-bf16, which is what bf16 units compute (products of bf16 values are exact in fp32, the sums are fp32, the result
-is rounded to bf16), up to the order of the sums, at the fp32 rate: the engine's own (`matmul`) and the model's
-under autocast (`bf16_autocast`), where gradients are rounded to bf16 at the same points as autocast's.
+with bf16). Elsewhere (x86 with AVX2 only: AMD Zen 3 and older, most laptops) it falls back to generic kernels that
+run at 0.3 to 21 GFLOP/s against 100 to 190 in fp32 on a 2-core AMD EPYC Zen 3, and ResNet-9's forward and
+backward under bf16 autocast 27 times slower than in fp32 (docs/performance.md#bf16). There the bf16 products
+multiply the bf16 values in fp32 and round the result to bf16, which is what bf16 units compute (products of bf16
+values are exact in fp32, the sums are fp32, the result is rounded to bf16), up to the order of the sums, at the
+fp32 rate: the engine's own (`matmul`) and the model's under autocast (`bf16_autocast`), where gradients are
+rounded to bf16 at the same points as autocast's.
 """
 
 from __future__ import annotations
@@ -35,14 +35,16 @@ def widens_bf16(tensor: torch.Tensor) -> bool:
 
 
 def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x @ y (torch.matmul's broadcasting), in x's dtype; bf16 on a CPU without native bf16 kernels is multiplied
-    in fp32 and rounded to bf16 (see above)."""
-    if widens_bf16(x):
-        return torch.matmul(x.float(), y.float()).to(torch.bfloat16)
+    """x @ y (torch.matmul's broadcasting); two bf16 operands on a CPU without native bf16 kernels are multiplied
+    in fp32 and the result rounded to bf16 (see above)."""
+    if widens_bf16(x) and y.dtype == torch.bfloat16:
+        with torch.autocast("cpu", enabled=False):  # an fp32 product, even where the caller runs under autocast
+            return torch.matmul(x.float(), y.float()).to(torch.bfloat16)
     return torch.matmul(x, y)
 
 
-# The products CPU autocast runs in bf16, as a model may call them.
+# The products CPU autocast runs in bf16, as a model calls them; those inside other functions (einsum, recurrent
+# layers) run with the mode off, in torch's own kernels.
 _AUTOCAST_PRODUCTS = frozenset(
     {
         F.conv1d,
@@ -65,25 +67,32 @@ _AUTOCAST_PRODUCTS = frozenset(
         torch.Tensor.bmm,
         torch.Tensor.addmm,
         torch.Tensor.baddbmm,
+        torch.Tensor.addbmm,
+        F.scaled_dot_product_attention,
     }
 )
 
 
+def _autocast_casts(value) -> bool:
+    """Whether CPU autocast casts this argument of a bf16 op to bf16: a floating tensor other than float64."""
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+
+
 def _bf16_values_in_fp32(value):
-    """A floating tensor rounded to bf16 as autocast casts it, then held in fp32 for the product."""
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(torch.bfloat16).float()
-    return value
+    """An argument autocast would cast to bf16, rounded to bf16 and held in fp32 for the product."""
+    return value.to(torch.bfloat16).float() if _autocast_casts(value) else value
 
 
 class _WidenedProducts(TorchFunctionMode):
     """Under CPU autocast: each product autocast would run in bf16 runs on the bf16-rounded operands in fp32, its
     result rounded to bf16. The backward of the two roundings rounds the gradients of the operands to bf16, where
-    autocast's bf16 kernels produce them in bf16."""
+    autocast's bf16 kernels produce them in bf16. Calls autocast leaves alone (out=, no castable operand) run as
+    they are."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func not in _AUTOCAST_PRODUCTS:
+        values = [*args, *kwargs.values()]
+        if func not in _AUTOCAST_PRODUCTS or "out" in kwargs or not any(map(_autocast_casts, values)):
             return func(*args, **kwargs)
         args = [_bf16_values_in_fp32(value) for value in args]
         kwargs = {key: _bf16_values_in_fp32(value) for key, value in kwargs.items()}

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from influence import Analyzer, FactorArguments, ScoreArguments
+from influence import Analyzer, FactorArguments, ScoreArguments, products
 from tests.reference import (
     TinyTask,
     activations_and_output_gradients,
@@ -289,13 +289,31 @@ def float32_cnn(tmp_path, seed):
     return analyzer, x, y, batches(x, y, 64)
 
 
+def bf16_kernels(monkeypatch, native: bool) -> dict[str, int]:
+    """bf16 products through torch's bf16 kernels (native) or in fp32 (influence.products), whatever this CPU has;
+    the returned counts of the products carried in fp32, the engine's (matmul) and the model's (autocast), fill as
+    they run."""
+    monkeypatch.setattr(products, "native_cpu_bf16", lambda: native)
+    widened = {"matmul": 0, "autocast": 0}
+
+    def counted(name, function):
+        def run(*args):
+            result = function(*args)
+            widened[name] += result is not False
+            return result
+
+        return run
+
+    monkeypatch.setattr(products, "widens_bf16", counted("matmul", products.widens_bf16))
+    monkeypatch.setattr(products, "_bf16_values_in_fp32", counted("autocast", products._bf16_values_in_fp32))
+    return widened
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["torch-bf16-kernels", "bf16-in-fp32"])
 def test_bf16_scores_rank_like_fp32(tmp_path, monkeypatch, native):
     from scipy.stats import spearmanr
 
-    from influence import products
-
-    monkeypatch.setattr(products, "native_cpu_bf16", lambda: native)
+    widened = bf16_kernels(monkeypatch, native)
     analyzer, x, y, data = float32_cnn(tmp_path, seed=5)
     results = {}
     for half in (False, True):
@@ -307,6 +325,7 @@ def test_bf16_scores_rank_like_fp32(tmp_path, monkeypatch, native):
     assert full.dtype == half.dtype == torch.float32
     correlations = [spearmanr(full[i].numpy(), half[i].numpy()).statistic for i in range(16)]
     assert sum(correlations) / len(correlations) > 0.95
+    assert (widened["matmul"] > 0 and widened["autocast"] > 0) is not native, widened
 
 
 @pytest.mark.parametrize("strategy", ["diagonal", "ekfac"])
@@ -325,9 +344,7 @@ def test_channels_last_model_gives_the_same_scores(tmp_path, strategy):
 def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path, monkeypatch, native):
     from scipy.stats import spearmanr
 
-    from influence import products
-
-    monkeypatch.setattr(products, "native_cpu_bf16", lambda: native)
+    widened = bf16_kernels(monkeypatch, native)
     analyzer, _, _, data = float32_cnn(tmp_path, seed=6)
     factors, scores = {}, {}
     for half in (False, True):
@@ -339,6 +356,7 @@ def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path, monkeypatch, nati
     for name, full in factors[False]["lambda_matrix"].items():
         assert relative_error(factors[True]["lambda_matrix"][name], full) < 0.05
     assert spearmanr(scores[False].numpy(), scores[True].numpy()).statistic > 0.99
+    assert (widened["matmul"] > 0 and widened["autocast"] > 0) is not native, widened
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -348,20 +366,18 @@ def test_bf16_self_scores_and_lambda_agree_with_fp32(tmp_path, monkeypatch, nati
 def test_bf16_products_are_what_bf16_units_compute(monkeypatch, native, shapes):
     """Native bf16 kernels, or bf16 values multiplied in fp32 where torch has none (influence.products): either way
     the float64 product of the bf16 operands, rounded to bf16, to within one bf16 rounding step (2^-8)."""
-    from influence import products
-
-    monkeypatch.setattr(products, "native_cpu_bf16", lambda: native)
+    widened = bf16_kernels(monkeypatch, native)
     torch.manual_seed(9)
     x, y = (torch.randn(shape).bfloat16() for shape in shapes)
     x = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # one operand transposed in memory, as the passes have
-    assert products.widens_bf16(x) is not native
     found = products.matmul(x, y)
     reference = torch.matmul(x.double(), y.double())
     assert found.dtype == torch.bfloat16 and found.shape == reference.shape
     assert ((found.double() - reference).abs() <= 2**-8 * reference.abs() + 1e-30).all()
-    assert not products.widens_bf16(x.float()) and not products.widens_bf16(
-        torch.empty(2, dtype=torch.bfloat16, device="meta")
-    )
+    if not native:  # the fp32 product, rounded once
+        assert widened["matmul"] == 1 and torch.equal(found, torch.matmul(x.float(), y.float()).bfloat16())
+    assert not products.matmul(x.float(), y.float()).dtype == torch.bfloat16  # other dtypes as they are
+    assert not products.widens_bf16(torch.empty(2, dtype=torch.bfloat16, device="meta"))  # a CPU's only
 
 
 @pytest.mark.parametrize("op", ["conv2d", "linear", "matmul"])
@@ -371,30 +387,48 @@ def test_bf16_autocast_products_carried_in_fp32_round_once(monkeypatch, op):
     kernels round more often: here their convolution's input gradient is 2.4 times further off)."""
     import torch.nn.functional as F
 
-    from influence import products
-
-    monkeypatch.setattr(products, "native_cpu_bf16", lambda: False)
+    bf16_kernels(monkeypatch, native=False)
     torch.manual_seed(11)
-    x, w = {
-        "conv2d": (torch.randn(4, 6, 7, 7), torch.randn(5, 6, 3, 3)),
-        "linear": (torch.randn(9, 30), torch.randn(12, 30)),
+    operands = {
+        "conv2d": (torch.randn(4, 6, 7, 7), torch.randn(5, 6, 3, 3), torch.randn(5)),
+        "linear": (torch.randn(9, 30), torch.randn(12, 30), torch.randn(12)),
         "matmul": (torch.randn(3, 9, 30), torch.randn(30, 12)),
     }[op]
     apply = {"conv2d": partial(F.conv2d, padding=1), "linear": F.linear, "matmul": lambda a, b: a @ b}[op]
-    found = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+    found = [operand.clone().requires_grad_() for operand in operands]
     with products.bf16_autocast("cpu"):
         output = apply(*found)
     assert output.dtype == torch.bfloat16
     output_gradient = torch.randn(output.shape).bfloat16()
     output.backward(output_gradient)
-    exact = [x.bfloat16().double().requires_grad_(), w.bfloat16().double().requires_grad_()]
+    exact = [operand.bfloat16().double().requires_grad_() for operand in operands]
     reference = apply(*exact)
     reference.backward(output_gradient.double())
-    pairs = [(output, reference), (found[0].grad, exact[0].grad), (found[1].grad, exact[1].grad)]
+    pairs = [(output, reference), *((f.grad, e.grad) for f, e in zip(found, exact, strict=True))]
     for value, expected in pairs:
-        expected = expected.detach()
-        slack = 2**-8 * expected.abs() + 1e-5 * expected.abs().max()  # one rounding; fp32 sums where terms cancel
-        assert ((value.detach().double() - expected).abs() <= slack).all()
+        value, expected = value.detach(), expected.detach()
+        assert torch.equal(value, value.bfloat16().to(value.dtype))  # rounded to bf16
+        slack = 2**-8 * expected.abs() + 1e-5 * expected.abs().max()  # once; fp32 sums where terms cancel
+        assert ((value.double() - expected).abs() <= slack).all()
+
+
+def test_bf16_autocast_leaves_alone_what_autocast_leaves_alone(monkeypatch):
+    """Products autocast does not cast (integers, float64, out=) run as they are, and on a GPU no mode is entered."""
+    import warnings
+
+    bf16_kernels(monkeypatch, native=False)
+    x, written = torch.randn(4, 4), torch.zeros(4, 4)
+    with products.bf16_autocast("cpu"):
+        integers = torch.ones(3, 3, dtype=torch.long) @ torch.ones(3, 3, dtype=torch.long)
+        doubles = x.double() @ x.double()
+        torch.mm(x, x, out=written)
+        assert torch._C._len_torch_function_stack() == 1
+    assert integers.dtype == torch.long and doubles.dtype == torch.float64
+    assert written.dtype == torch.float32 and relative_error(written.double(), x.double() @ x.double()) < 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that CUDA autocast is off on a machine without CUDA
+        with products.bf16_autocast("cuda"):
+            assert torch._C._len_torch_function_stack() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -73,8 +73,8 @@ def test_analyze_every_strategy(workspace, strategy):
 
 
 def test_half_precision_and_pictures(workspace, tmp_path):
-    # bf16 forward and backward passes are emulated (slow) on CPUs without bf16 units: compare the cheapest
-    # strategy on a few examples. The bf16 EK-FAC paths are checked in test_engine and measured in the README.
+    # The cheapest strategy on a few examples: the scripts' bf16 path end to end. The bf16 EK-FAC paths are
+    # checked in test_engine and measured in the README.
     results = str(tmp_path / "results")
     small = ["--output_dir", results, "--num_train", "16", "--num_queries", "4", "--query_batch_size", "4"]
     run("analyze.py", *analyze_args(workspace, "identity"), *small)
