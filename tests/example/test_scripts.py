@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,19 @@ def test_train_end_to_end(workspace):
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
     assert "(7 with changed labels)" in workspace["trained_corrupt"]
     assert (Path(workspace["checkpoints"]) / "model_corrupt_0.1.safetensors").is_file()
+
+
+def test_train_in_bf16_follows_fp32(workspace, tmp_path):
+    """The same recipe under bf16 autocast (products carried in fp32 where the CPU has no bf16 kernels) ends at the
+    fp32 run's training loss, to within a tenth of what the fp32 run learned after its first epoch."""
+    common = ["--dataset_dir", workspace["data"], "--checkpoint_dir", str(tmp_path), "--train_batch_size", "64"]
+    printed = run("train.py", *common, "--num_train", str(NUM_TRAIN), "--num_train_epochs", "2", "--use_half_precision")
+    losses = {}
+    for name, output in (("fp32", workspace["trained"]), ("bf16", printed.stdout)):
+        # each epoch's running loss, then the final model's on its training labels
+        losses[name] = [float(word) for word in re.findall(r"train loss ([0-9.]+)", output)]
+    (first, _, final), bf16_final = losses["fp32"], losses["bf16"][-1]
+    assert len(losses["bf16"]) == 3 and abs(bf16_final - final) < 0.1 * (first - final), losses
 
 
 def analyze_args(paths, strategy, *extra):
