@@ -45,7 +45,7 @@ from influence.factors import CovarianceAccumulator, LambdaAccumulator, eigendec
 from influence.modules import Layer, find_layers, input_patches
 from influence.passes import ALL_MODULES, SECONDS, Columns, Loop, Pass, Rows, batch_length
 from influence.precondition import LayerPreconditioner
-from influence.products import matmul
+from influence.products import held_dtype, matmul
 from influence.profiler import Profiler, synchronize
 from influence.shifted import covariance_input
 from influence.storage import (
@@ -531,6 +531,7 @@ class Analyzer:
     ) -> dict[str, torch.Tensor]:
         """Scores of one query batch against every training example, [Q, N], on rank 0's CPU."""
         contract_dtype = self._pass_dtype(args.use_half_precision)
+        held = held_dtype(contract_dtype, self.device)  # the queries' storage; their values: contract_dtype's
         count = batch_length(query_batch)
         queries: dict[str, torch.Tensor] = {}  # per layer, [Q, out * in'], filled in order as the chunks come
         filled: dict[str, int] = {}
@@ -539,9 +540,9 @@ class Analyzer:
             gradient = preconditioners[layer.name].precondition(a, g)
             gradient = gradient.reshape(gradient.shape[0], -1)
             if layer.name not in queries:
-                queries[layer.name] = gradient.new_empty((count, gradient.shape[1]), dtype=contract_dtype)
+                queries[layer.name] = gradient.new_empty((count, gradient.shape[1]), dtype=held)
             start = filled.get(layer.name, 0)
-            queries[layer.name][start : start + len(gradient)] = gradient
+            queries[layer.name][start : start + len(gradient)] = gradient.to(contract_dtype)
             filled[layer.name] = start + len(gradient)
 
         # What a query batch must hold at once is its Q x P preconditioned gradients, written once into place; in
@@ -565,7 +566,7 @@ class Analyzer:
                 raise InfluenceError(
                     f"module {layer.name!r} ran for the training examples but not for the queries: {EVERY_FORWARD}"
                 )
-            flops.add(2 * query.shape[0] * gradient.numel(), query.dtype, query.device)
+            flops.add(2 * query.shape[0] * gradient.numel(), gradient.dtype, gradient.device)
             columns.add(layer.name, matmul(query, gradient.T).to(self.dtype))
 
         job = Pass(desc, train_dataset, columns, path)

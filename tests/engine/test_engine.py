@@ -380,6 +380,26 @@ def test_bf16_products_are_what_bf16_units_compute(monkeypatch, native, shapes):
     assert not products.widens_bf16(torch.empty(2, dtype=torch.bfloat16, device="meta"))  # a CPU's only
 
 
+def test_bf16_queries_held_in_fp32_give_the_same_scores(tmp_path, monkeypatch):
+    """Where bf16 products are carried in fp32, a pairwise pass holds its preconditioned queries in fp32 with bf16
+    values (products.held_dtype), converted once instead of at every product: not one score bit changes."""
+    from influence import analyzer as analyzer_module
+
+    bf16_kernels(monkeypatch, native=False)
+    assert products.held_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert products.held_dtype(torch.float32, "cpu") == torch.float32
+    assert products.held_dtype(torch.bfloat16, "meta") == torch.bfloat16
+    analyzer, x, y, data = float32_cnn(tmp_path, seed=8)
+    analyzer.fit_all_factors("half", data, FactorArguments(strategy="ekfac", use_half_precision=True))
+    args = ScoreArguments(damping_factor=None, use_half_precision=True)
+    held = analyzer.compute_pairwise_scores("held", "half", batches(x[:8], y[:8], 8), data, args)["all_modules"]
+    monkeypatch.setattr(analyzer_module, "held_dtype", lambda dtype, device: dtype)  # the queries kept in bf16
+    kept = analyzer.compute_pairwise_scores("kept", "half", batches(x[:8], y[:8], 8), data, args)["all_modules"]
+    assert torch.equal(held, kept)
+    monkeypatch.setattr(products, "native_cpu_bf16", lambda: True)
+    assert products.held_dtype(torch.bfloat16, "cpu") == torch.bfloat16  # bf16 kernels take bf16 as it is
+
+
 @pytest.mark.parametrize("op", ["conv2d", "linear", "matmul"])
 def test_bf16_autocast_products_carried_in_fp32_round_once(monkeypatch, op):
     """bf16_autocast where torch has no native bf16 kernels: a product's output and its operands' gradients are each
