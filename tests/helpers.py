@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
+from unittest import mock
 
 import numpy as np
 import torch
@@ -42,14 +43,19 @@ class Result(NamedTuple):
     stderr: str
 
 
-def run(script: str, *args: str, expect: int = 0) -> Result:
-    """Run a script's __main__ in this process (no interpreter start-up per call) and capture what it prints."""
+def run(script: str, *args: str, expect: int = 0, gpu: bool = False) -> Result:
+    """Run a script's __main__ in this process (no interpreter start-up per call) and capture what it prints.
+
+    Without `gpu` the script sees no GPU even on a GPU host, as `torchrun(cpu=True)`'s processes: the tests that
+    compare runs bit for bit (resumed with uninterrupted, two processes with one) hold on the CPU, whose kernels
+    are deterministic, and would otherwise set a GPU run against a CPU one. tests/gpu asks for the GPU."""
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
     argv = sys.argv
     sys.argv = [script, *args]
+    hidden = contextlib.nullcontext() if gpu else mock.patch.object(torch.cuda, "is_available", return_value=False)
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), hidden:
             runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 1

@@ -48,7 +48,7 @@ def test_models_are_channels_last_and_factors_load_onto_the_gpu(tmp_path):
 
 @needs_gpu
 def test_bench_on_the_gpu_counts_convolutions_at_the_tf32_rate():
-    out = run("bench.py", "--num_train", "64", "--num_queries", "8", "--factor_strategy", "diagonal").stdout
+    out = run("bench.py", "--num_train", "64", "--num_queries", "8", "--factor_strategy", "diagonal", gpu=True).stdout
     assert "cuda" in out and "training batches of 512" in out
     assert "Matrix-multiply rate (8192^2, tf32)" in out and "GiB allocated" in out
 
