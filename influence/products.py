@@ -29,9 +29,14 @@ def native_cpu_bf16() -> bool:
         return True
 
 
+def _widens_on(device_type: str) -> bool:
+    """Whether bf16 products on this device type are carried in fp32: a CPU without native bf16 kernels."""
+    return device_type == "cpu" and not native_cpu_bf16()
+
+
 def widens_bf16(tensor: torch.Tensor) -> bool:
     """Whether `matmul` carries products of this tensor in fp32: bf16, on a CPU without native bf16 kernels."""
-    return tensor.dtype == torch.bfloat16 and tensor.device.type == "cpu" and not native_cpu_bf16()
+    return tensor.dtype == torch.bfloat16 and _widens_on(tensor.device.type)
 
 
 def held_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
@@ -39,7 +44,7 @@ def held_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
     its values still bf16's (round them on the way in), so that it is converted once, not at every product: for a
     pairwise pass's [1,000, 589,824] queries the conversion took as long as their product with a batch of 128
     (about 1 s each on the 2-core EPYC); else `dtype`."""
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not native_cpu_bf16():
+    if dtype == torch.bfloat16 and _widens_on(torch.device(device).type):
         return torch.float32
     return dtype
 
@@ -115,6 +120,6 @@ def bf16_autocast(device_type: str) -> contextlib.AbstractContextManager:
     fp32 (see above)."""
     stack = contextlib.ExitStack()
     stack.enter_context(torch.autocast(device_type, dtype=torch.bfloat16))
-    if device_type == "cpu" and not native_cpu_bf16():
+    if _widens_on(device_type):
         stack.enter_context(_WidenedProducts())
     return stack
