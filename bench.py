@@ -45,6 +45,7 @@ from example.checkpoints import load_model
 from example.devices import place_model
 from example.flags import (
     POSITIVE_INT,
+    add_device_flag,
     add_influence_batch_flag,
     add_process_flags,
     add_save_interval_flag,
@@ -88,12 +89,7 @@ def parse_args(argv=None):
         help=f"bf16, as analyze.py (its bf16 products at the bf16 rate; {bf16_hardware_note()}). Without it fp32, "
         "with torch's default on a GPU: convolutions in TF32, counted at the TF32 rate, matrix products in fp32",
     )
-    parser.add_argument(
-        "--device",
-        default=None,
-        choices=("cpu", "cuda"),
-        help="cpu or cuda (default: cuda when present); under torchrun, cpu means gloo",
-    )
+    add_device_flag(parser, "; under torchrun, cpu means gloo")
     add_influence_batch_flag(parser)
     parser.add_argument("--query_batch_size", type=POSITIVE_INT, default=None, help="default: all queries at once")
     parser.add_argument("--dataset_dir", default=None, help="use real CIFAR-10 from here (default: random images)")

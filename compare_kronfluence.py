@@ -1,4 +1,4 @@
-"""Run the same influence job with this project's engine and with kronfluence 1.0.1 on this CPU, and compare them.
+"""Run the same influence job with this project's engine and with kronfluence 1.0.1 on this machine, and compare them.
 
 Two jobs, each from nothing (a fresh temporary folder), each side a whole process of its own (this script started
 again), timed by the wall clock of that process, so that the interpreter's start, the imports and the data count
@@ -9,6 +9,7 @@ images, and factors + self-influence of those training images. It prints the sec
     python compare_kronfluence.py --dataset_dir ./data                                  # 512 x 32: minutes on 2 cores
     python compare_kronfluence.py --dataset_dir ./data --checkpoint ./checkpoints/cpu/model.safetensors
     python compare_kronfluence.py --dataset_dir ./data --num_train 1000 --num_queries 50 --use_half_precision
+    python compare_kronfluence.py --dataset_dir ./data --num_train 50000 --num_queries 2000 --query_batch_size 1000  # GPU
 
 Both sides compute the same quantities: the same ResNet-9 weights (--checkpoint, or random weights seeded 0, as
 bench.py), the same images in the same order, --factor_strategy (EK-FAC), --damping_factor added to the Lambda
@@ -24,6 +25,9 @@ per-example gradients, Lambda, preconditioning and scores in bf16), so its score
 kronfluence is not a dependency of this project: install it beside it, in a virtual environment that keeps this
 torch (python -m venv --system-site-packages ENV, then ENV/bin/pip install kronfluence==1.0.1), and run this
 script with that environment's python. Run it on an otherwise idle machine: each side's time is one run.
+
+On a GPU (--device, default cuda when present) this project's side keeps the images on the GPU, as its scripts do;
+kronfluence's gets them from a CPU dataset, batch by batch, as its example does (without DataLoader workers here).
 """
 
 from __future__ import annotations
@@ -45,12 +49,13 @@ import numpy as np
 import torch
 
 from example.checkpoints import load_model
-from example.devices import place_model
+from example.devices import get_device, place_model
 from example.errors import PipelineError
 from example.flags import (
     POSITIVE_INT,
     add_damping_flag,
     add_data_flags,
+    add_device_flag,
     add_fisher_flags,
     add_influence_batch_flag,
     add_strategy_flag,
@@ -95,6 +100,7 @@ def parse_args(argv=None):
         help="which jobs to run: pairwise (factors + pairwise scores), self (factors + self-influence); default both",
     )
     add_strategy_flag(parser)
+    add_device_flag(parser)
     add_damping_flag(parser)
     add_influence_batch_flag(parser)
     parser.add_argument(
@@ -116,20 +122,23 @@ def parse_args(argv=None):
 # ---- What both sides run on ----
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[torch.nn.Module, CifarData, CifarData]:
-    """The model (the checkpoint's weights, or random ones seeded 0) and the data, on the CPU."""
+def load_inputs(
+    args: argparse.Namespace, device: torch.device, data_device: torch.device | None = None
+) -> tuple[torch.nn.Module, CifarData, CifarData]:
+    """The model (the checkpoint's weights, or random ones seeded 0) on `device`, and the data on `data_device`
+    (default: `device`). The random weights are drawn on the CPU, so both devices get the same ones."""
     torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    model = load_model(args.checkpoint, cpu) if args.checkpoint else place_model(construct_resnet9(), cpu)
-    train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=cpu)
-    queries = get_cifar10(args.dataset_dir, "valid", device=cpu).subset(args.num_queries, "--num_queries")
+    model = load_model(args.checkpoint, device) if args.checkpoint else place_model(construct_resnet9(), device)
+    data_device = data_device or device
+    train = get_cifar10(args.dataset_dir, "eval_train", num_train=args.num_train, device=data_device)
+    queries = get_cifar10(args.dataset_dir, "valid", device=data_device).subset(args.num_queries, "--num_queries")
     return model, train, queries
 
 
 def run_project(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
     """This project's side, as analyze.py and detect_mislabeled_dataset.py run it."""
     keep_freed_memory()
-    model, train, queries = load_inputs(args)
+    model, train, queries = load_inputs(args, get_device(args.device))
     half = args.use_half_precision
     factor_args = FactorArguments(
         strategy=args.factor_strategy,
@@ -180,7 +189,8 @@ def run_kronfluence(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
     from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
     from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 
-    model, train, queries = load_inputs(args)
+    device = get_device(args.device)
+    model, train, queries = load_inputs(args, device, data_device=torch.device("cpu"))
     model = model.to(memory_format=torch.contiguous_format)  # as kronfluence's example lays it out
 
     def dataset(data: CifarData) -> torch.utils.data.TensorDataset:
@@ -197,7 +207,9 @@ def run_kronfluence(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
 
     task = kronfluence_task(args.fisher_seed)
     model = prepare_model(model, task)
-    analyzer = KronfluenceAnalyzer("compare", model, task, cpu=True, disable_tqdm=True, output_dir=str(work_dir))
+    analyzer = KronfluenceAnalyzer(
+        "compare", model, task, cpu=device.type == "cpu", disable_tqdm=True, output_dir=str(work_dir)
+    )
     train_set, batch = dataset(train), args.influence_batch_size
     analyzer.fit_all_factors("factors", train_set, per_device_batch_size=batch, factor_args=factor_args)
     if args.job == "pairwise":
@@ -296,23 +308,24 @@ def agreement(job: str, ours: torch.Tensor, theirs: torch.Tensor) -> str:
 
 def main() -> None:
     args = parse_args()
-    cpu = torch.device("cpu")
-    args.influence_batch_size = influence_batch_size(args, cpu)
+    device = get_device(args.device)
+    args.influence_batch_size = influence_batch_size(args, device)
     if args.side is not None:
         run_side(args)
         return
     args.jobs = list(dict.fromkeys(args.jobs))  # each job once, in the order given
     version = kronfluence_version()
-    say_if_bf16_is_emulated(cpu, args.use_half_precision)
-    _, train, queries = load_inputs(args)  # bad inputs are refused here, in one line, before any side starts
+    say_if_bf16_is_emulated(device, args.use_half_precision)
+    # Bad inputs are refused here, in one line, before any side starts.
+    _, train, queries = load_inputs(args, torch.device("cpu"))
     precision = "bf16" if args.use_half_precision else "fp32"
     damping = "heuristic" if args.damping_factor is None else f"{args.damping_factor:g}"
     print(
-        f"ResNet-9, {STRATEGY_LABELS[args.factor_strategy]}, {precision}, cpu, {len(train)} training examples, "
-        f"{len(queries)} queries, training batches of {args.influence_batch_size}, damping {damping}, "
+        f"ResNet-9, {STRATEGY_LABELS[args.factor_strategy]}, {precision}, {device.type}, {len(train)} training "
+        f"examples, {len(queries)} queries, training batches of {args.influence_batch_size}, damping {damping}, "
         f"{'checkpoint ' + args.checkpoint if args.checkpoint else 'random weights'}"
     )
-    print(f"Device: {device_description(cpu)}")
+    print(f"Device: {device_description(device)}")
     print(f"kronfluence {version}, torch {torch.__version__}, Python {platform.python_version()}", flush=True)
 
     seconds, scores = {}, {}

@@ -192,6 +192,13 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
 INFLUENCE_BATCH_SIZE = {"cuda": 512, "cpu": 128}
 
 
+def add_device_flag(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--device (bench.py, compare_kronfluence.py; the other scripts take the GPU when torch sees one)."""
+    parser.add_argument(
+        "--device", default=None, choices=("cpu", "cuda"), help=f"cpu or cuda (default: cuda when present){note}"
+    )
+
+
 def add_influence_batch_flag(parser: argparse.ArgumentParser, original_name: bool = False) -> None:
     """--influence_batch_size; with `original_name` also --train_batch_size, its name in kronfluence's example
     (analyze.py, detect_mislabeled_dataset.py). Not in the scripts that train, where --train_batch_size is SGD's."""

@@ -51,6 +51,7 @@ def test_a_broken_kronfluence_and_bad_inputs_are_one_line_errors(monkeypatch, fa
         ([*data, "--num_train", "8", "--num_queries", "101"], "--num_queries must be between 1 and 100"),
         ([*data, "--num_train", "8", "--checkpoint", str(tmp_path / "none.safetensors")], "no checkpoint at"),
         (["--dataset_dir", str(tmp_path / "none"), "--num_train", "8"], "copy cifar-10-batches-py/ into"),
+        ([*data, "--num_train", "8", "--device", "cuda"], "a GPU was asked for but torch sees none"),  # run() hides it
     ]
     for args, hint in cases:
         assert hint in one_line_error(run(SCRIPT, *args, expect=2)), (args, hint)
