@@ -9,7 +9,7 @@ images, and factors + self-influence of those training images. It prints the sec
     python compare_kronfluence.py --dataset_dir ./data                                  # 512 x 32: minutes on 2 cores
     python compare_kronfluence.py --dataset_dir ./data --checkpoint ./checkpoints/cpu/model.safetensors
     python compare_kronfluence.py --dataset_dir ./data --num_train 1000 --num_queries 50 --use_half_precision
-    python compare_kronfluence.py --dataset_dir ./data --num_train 50000 --num_queries 2000 --query_batch_size 1000  # GPU
+    python compare_kronfluence.py --dataset_dir ./data --num_train 50000 --num_queries 2000 --query_batch_size 1000
 
 Both sides compute the same quantities: the same ResNet-9 weights (--checkpoint, or random weights seeded 0, as
 bench.py), the same images in the same order, --factor_strategy (EK-FAC), --damping_factor added to the Lambda
@@ -28,6 +28,7 @@ script with that environment's python. Run it on an otherwise idle machine: each
 
 On a GPU (--device, default cuda when present) this project's side keeps the images on the GPU, as its scripts do;
 kronfluence's gets them from a CPU dataset, batch by batch, as its example does (without DataLoader workers here).
+The last command above is the original job's size, for a GPU.
 """
 
 from __future__ import annotations
@@ -65,7 +66,16 @@ from example.hardware import device_description, keep_freed_memory
 from example.lds import spearman
 from example.run import ArgumentParser, run_cli, say_if_bf16_is_emulated
 from example.task import ClassificationTask
-from influence import STRATEGY_LABELS, Analyzer, FactorArguments, ScoreArguments, batch_seed, load_tensors, save_tensors
+from influence import (
+    STRATEGY_LABELS,
+    Analyzer,
+    FactorArguments,
+    ScoreArguments,
+    batch_seed,
+    load_tensors,
+    save_tensors,
+    seeded_rngs,
+)
 from pipeline import CifarData, TensorBatches, construct_resnet9, get_cifar10, normalize
 
 KRONFLUENCE_VERSION = "1.0.1"
@@ -159,7 +169,8 @@ def run_project(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
 def kronfluence_task(seed: int):
     """kronfluence's Task computing what this project's ClassificationTask does, on batches (images, labels,
     example indices): the indices give each batch's seed for the true Fisher's labels, as this project seeds it
-    (the global generator seeded, then restored), so that both sides draw the very same labels."""
+    (the global generators of the CPU and of the batch's GPU seeded, then restored), so that both sides draw the
+    very same labels."""
     from kronfluence import Task
 
     task = ClassificationTask()
@@ -169,8 +180,8 @@ def kronfluence_task(seed: int):
             images, labels, index = batch
             if not sample:
                 return task.compute_train_loss((images, labels), model)
-            with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed(batch_seed(seed, int(index[0]), len(index)))
+            # The labels are drawn where the images are (kronfluence hands over batches on its device).
+            with seeded_rngs(batch_seed(seed, int(index[0]), len(index)), images.device):
                 return task.compute_train_loss((images, labels), model, sample=True)
 
         def compute_measurement(self, batch, model):

@@ -1,4 +1,4 @@
-"""Check a GPU machine end to end in one command (about 5 minutes on one H100), before the full job.
+"""Check a GPU machine end to end in one command (a few minutes on one H100), before the full job.
 
     python gpu_check.py                      # then: python walkthrough.py --scale gpu
     python gpu_check.py --dry_run --gpus 2   # the steps, without running them (any machine)

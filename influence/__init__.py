@@ -6,7 +6,7 @@ lists the API.
 """
 
 from influence import distributed, flops, interrupt, products, stages
-from influence.analyzer import DEFAULT_SAVE_INTERVAL, Analyzer, batch_seed
+from influence.analyzer import DEFAULT_SAVE_INTERVAL, Analyzer, batch_seed, seeded_rngs
 from influence.arguments import DEFAULT_DAMPING, FactorArguments, ScoreArguments
 from influence.distributed import (
     Group,
@@ -63,6 +63,7 @@ __all__ = [
     "Task",
     "InfluenceError",
     "batch_seed",
+    "seeded_rngs",
     # strategies
     "STRATEGIES",
     "DEFAULT_STRATEGY",

@@ -84,6 +84,20 @@ def batch_seed(seed: int, offset: int, count: int) -> int:
     return (seed * 0x9E3779B1 + offset * 0x85EBCA77 + count * 0xC2B2AE3D) % (2**63 - 1)
 
 
+@contextlib.contextmanager
+def seeded_rngs(seed: int, device: torch.device | str) -> Iterator[None]:
+    """Run with torch's global RNGs of the CPU and of `device` (a GPU's, where it is one) seeded `seed`, then
+    restore them: what a batch draws (the true Fisher's labels) depends on the seed alone."""
+    device = torch.device(device)
+    devices = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 class Analyzer:
     """Fits factors and computes scores for `model` under `task`, saving under output_dir/analysis_name.
 
@@ -136,17 +150,6 @@ class Analyzer:
         covariances and the preconditioning of queries stay in fp32."""
         return torch.bfloat16 if half else self.dtype
 
-    @contextlib.contextmanager
-    def _seeded(self, seed: int) -> Iterator[None]:
-        """Run with the global RNGs seeded, then restore them: sampled labels depend on the batch alone."""
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.random.default_generator.manual_seed(seed)
-            if devices:
-                with torch.cuda.device(self.device):
-                    torch.cuda.manual_seed(seed)
-            yield
-
     def _backward(
         self, capture: Capture, batch: Any, loss: str, half: bool, desc: str, seed: int, offset: int, count: int
     ) -> None:
@@ -162,7 +165,9 @@ class Analyzer:
 
             what = "compute_train_loss"
         batch = to_device(batch, self.device)
-        sampling = self._seeded(batch_seed(seed, offset, count)) if loss == "sampled" else contextlib.nullcontext()
+        sampling = (
+            seeded_rngs(batch_seed(seed, offset, count), self.device) if loss == "sampled" else contextlib.nullcontext()
+        )
         try:
             with sampling:
                 backward_batch(capture, self.model, batch, loss_fn, half, what, count)

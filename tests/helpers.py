@@ -53,9 +53,12 @@ def run(script: str, *args: str, expect: int = 0, gpu: bool = False) -> Result:
     code = 0
     argv = sys.argv
     sys.argv = [script, *args]
-    hidden = contextlib.nullcontext() if gpu else mock.patch.object(torch.cuda, "is_available", return_value=False)
     try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), hidden:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), contextlib.ExitStack() as hidden:
+            if not gpu:  # from this process and from the processes the script starts
+                hidden.enter_context(mock.patch.object(torch.cuda, "is_available", return_value=False))
+                hidden.enter_context(mock.patch.object(torch.cuda, "device_count", return_value=0))
+                hidden.enter_context(mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}))
             runpy.run_path(str(REPO_ROOT / script), run_name="__main__")
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else 1
