@@ -47,6 +47,23 @@ def test_models_are_channels_last_and_factors_load_onto_the_gpu(tmp_path):
 
 
 @needs_gpu
+def test_seeded_rngs_seed_the_gpus_generator_and_restore_it():
+    """What a batch draws on the GPU (the true Fisher's labels, here and in compare_kronfluence.py's kronfluence
+    task) depends on the seed alone, and the caller's GPU generator goes on as if nothing had been drawn."""
+    from influence import seeded_rngs
+
+    torch.cuda.manual_seed(123)
+    expected_next = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(123)
+    draws = []
+    for _ in range(2):
+        with seeded_rngs(7, "cuda"):
+            draws.append(torch.rand(4, device="cuda"))
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(torch.rand(4, device="cuda"), expected_next)
+
+
+@needs_gpu
 def test_bench_on_the_gpu_counts_convolutions_at_the_tf32_rate():
     out = run("bench.py", "--num_train", "64", "--num_queries", "8", "--factor_strategy", "diagonal", gpu=True).stdout
     assert "cuda" in out and "training batches of 512" in out
