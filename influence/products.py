@@ -3,7 +3,7 @@
 torch multiplies bf16 matrices on a CPU with oneDNN where oneDNN has bf16 kernels for it (x86 with AVX-512, Arm
 with bf16). Elsewhere (x86 with AVX2 only: AMD Zen 3 and older, most laptops) it falls back to generic kernels that
 run at 0.3 to 21 GFLOP/s against 100 to 190 in fp32 on a 2-core AMD EPYC Zen 3, and ResNet-9's forward and
-backward under bf16 autocast 27 times slower than in fp32 (docs/performance.md#bf16). There the bf16 products
+backward under bf16 autocast 18 to 26 times slower than in fp32 (docs/performance.md#bf16). There the bf16 products
 multiply the bf16 values in fp32 and round the result to bf16, which is what bf16 units compute (products of bf16
 values are exact in fp32, the sums are fp32, the result is rounded to bf16), up to the order of the sums, at the
 fp32 rate: the engine's own (`matmul`) and the model's under autocast (`bf16_autocast`), where gradients are
