@@ -145,10 +145,10 @@ def load_inputs(
     return model, train, queries
 
 
-def run_project(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
+def run_project(args: argparse.Namespace, device: torch.device, work_dir: Path) -> torch.Tensor:
     """This project's side, as analyze.py and detect_mislabeled_dataset.py run it."""
     keep_freed_memory()
-    model, train, queries = load_inputs(args, get_device(args.device))
+    model, train, queries = load_inputs(args, device)
     half = args.use_half_precision
     factor_args = FactorArguments(
         strategy=args.factor_strategy,
@@ -191,7 +191,7 @@ def kronfluence_task(seed: int):
     return SameTask()
 
 
-def run_kronfluence(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
+def run_kronfluence(args: argparse.Namespace, device: torch.device, work_dir: Path) -> torch.Tensor:
     """kronfluence's side, as its CIFAR-10 example runs it, with the batch sizes given (not searched for)."""
     from kronfluence import Analyzer as KronfluenceAnalyzer
     from kronfluence import FactorArguments as KronfluenceFactorArguments
@@ -200,7 +200,6 @@ def run_kronfluence(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
     from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
     from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 
-    device = get_device(args.device)
     model, train, queries = load_inputs(args, device, data_device=torch.device("cpu"))
     model = model.to(memory_format=torch.contiguous_format)  # as kronfluence's example lays it out
 
@@ -244,12 +243,12 @@ def run_kronfluence(args: argparse.Namespace, work_dir: Path) -> torch.Tensor:
     return analyzer.load_self_scores("scores")["all_modules"]
 
 
-def run_side(args: argparse.Namespace) -> None:
+def run_side(args: argparse.Namespace, device: torch.device) -> None:
     """One side of one job (a process of its own): its scores go to --work_dir, in float32."""
     if args.job is None or args.work_dir is None:
         raise PipelineError("--side needs --job and --work_dir (this script passes them to the processes it starts)")
     work_dir = Path(args.work_dir)
-    scores = (run_project if args.side == "project" else run_kronfluence)(args, work_dir)
+    scores = (run_project if args.side == "project" else run_kronfluence)(args, device, work_dir)
     save_tensors(work_dir / SCORES_FILE, {"scores": scores.float()})
 
 
@@ -322,7 +321,7 @@ def main() -> None:
     device = get_device(args.device)
     args.influence_batch_size = influence_batch_size(args, device)
     if args.side is not None:
-        run_side(args)
+        run_side(args, device)
         return
     args.jobs = list(dict.fromkeys(args.jobs))  # each job once, in the order given
     version = kronfluence_version()
