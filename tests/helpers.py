@@ -148,6 +148,7 @@ def result_files(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def assert_same(case_folder: Path, reference_folder: Path) -> None:
     found, expected = result_files(case_folder), result_files(reference_folder)
+    assert expected, f"no result files in {reference_folder}: nothing to compare"
     assert found.keys() == expected.keys()
     assert not [name for name in found if ".partial." in name]
     for name, tensors in expected.items():

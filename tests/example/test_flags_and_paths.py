@@ -89,9 +89,9 @@ def test_paths_in_the_way_are_refused_before_any_work(tmp_path, fake_cifar_dir):
         assert message in one_line_error(run(script, *args, expect=2)), (script, args)
     # A folder where the checkpoint file goes is refused before training, not after it.
     (tmp_path / "ckpt" / "model.safetensors").mkdir(parents=True)
-    started = time.monotonic()
     result = run("train.py", *data, "--checkpoint_dir", str(tmp_path / "ckpt"), expect=2)
-    assert "model.safetensors is a folder" in one_line_error(result) and time.monotonic() - started < 10
+    assert "model.safetensors is a folder" in one_line_error(result)
+    assert "epoch" not in result.stdout + result.stderr  # no training step ran
 
 
 # ---- bf16 units ----
@@ -227,15 +227,18 @@ def test_ctrl_c_while_torch_loads_is_quiet(script):
     )
     # Signal once torch's library is being mapped in (the script is past its first lines and importing torch,
     # which takes seconds); a fixed delay could land before the interpreter even reached the script.
-    maps, deadline = Path(f"/proc/{process.pid}/maps"), time.monotonic() + 20
-    while maps.exists() and "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+    maps, deadline, importing = Path(f"/proc/{process.pid}/maps"), time.monotonic() + 20, False
+    while maps.exists() and not importing and time.monotonic() < deadline:
+        importing = "libtorch" in maps.read_text()
         time.sleep(0.01)
     if not maps.exists():  # no /proc (not Linux), or it already finished
         time.sleep(0.4)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=30)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    assert process.returncode in (-signal.SIGINT, 0), (process.returncode, err)  # 0: it had already finished
+    # Caught importing torch, the script must end by the signal; without /proc it may have finished first.
+    allowed = (-signal.SIGINT,) if importing else (-signal.SIGINT, 0)
+    assert process.returncode in allowed, (process.returncode, err)
 
 
 def test_every_script_sets_ctrl_c_before_anything_that_loads_torch():

@@ -23,22 +23,37 @@ from pipeline import (
     construct_resnet9,
     corrupt_labels,
     get_cifar10,
+    load_cifar10_arrays,
     load_noisy_labels,
     random_crop_flip,
 )
 from tests.helpers import REPO_ROOT, run
 
-SHARED_JPEG = REPO_ROOT.parent / "shared" / "cifar10" / "cifar10_jpeg.npz"
+REAL_DATA = REPO_ROOT / "data"  # the real CIFAR-10 where a user put it (the scripts' default --dataset_dir)
 
 
 # ---- Label corruption ----
 
 
+def test_corruption_follows_the_documented_rule():
+    """new = randint(0, 10) seeded 0; where it equals the old label, + randint(1, 9) from a fresh generator seeded 0
+    over just those positions, modulo 10: here applied example by example, against corrupt_labels' vectorised form."""
+    old = torch.randint(0, 10, (500,), generator=torch.Generator().manual_seed(5))
+    k = 150  # ceil(0.3 * 500)
+    draws = torch.randint(0, 10, (k,), generator=torch.Generator().manual_seed(0)).tolist()
+    collisions = [i for i in range(k) if draws[i] == int(old[i])]
+    shifts = torch.randint(1, 9, (len(collisions),), generator=torch.Generator().manual_seed(0)).tolist()
+    expected = list(draws)
+    for i, shift in zip(collisions, shifts, strict=True):
+        expected[i] = (draws[i] + shift) % 10
+    new = corrupt_labels(old, 0.3)
+    assert len(collisions) > 3 and new[:k].tolist() == expected and torch.equal(new[k:], old[k:])
+
+
 def test_corruption_test_vector_on_real_labels():
-    if not SHARED_JPEG.is_file():
-        pytest.skip(f"{SHARED_JPEG} not present")
-    with np.load(SHARED_JPEG, allow_pickle=False) as npz:
-        old = torch.from_numpy(npz["train_labels"].astype(np.int64))
+    if not (REAL_DATA / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"the real CIFAR-10 is not in {REAL_DATA}")
+    _, old = load_cifar10_arrays(REAL_DATA, train=True)
     assert len(old) == 50_000
     assert old[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
     new = corrupt_labels(old, 0.1)

