@@ -149,8 +149,8 @@ def test_evaluate_lds_writes_files_readable_on_their_own(reference):
     }  # fmt: skip
     for row in rows.values():
         assert len(row["per_query"]) == Q and row["queries_used"] + row["queries_left_out"] == Q
-        if row["queries_used"]:
-            assert -1 <= row["interval_95"][0] <= row["mean"] <= row["interval_95"][1] <= 1
+        assert row["queries_used"] > 0, row  # else the interval below would check nothing
+        assert -1 <= row["interval_95"][0] <= row["mean"] <= row["interval_95"][1] <= 1
     # The LDS of saved scores, recomputed from the files alone.
     scores = load_file(
         out / "influence_results" / "lds" / "scores_diagonal_damping_0.001" / "pairwise_scores.safetensors"
