@@ -8,7 +8,7 @@ labels corrupted (the defaults are the original's):
         --num_train_epochs 25 --seed 1004
     python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints --corrupt_percentage 0.1
 
-CPU-sized run (15 to 25 minutes each on 2 idle cores; the model fits its 2,000 labels), clean and corrupted:
+CPU-sized run (under an hour each on 2 cores; the model fits its 2,000 labels), clean and corrupted:
 
     python train.py --dataset_dir ./data --checkpoint_dir ./checkpoints/cpu \
         --num_train 2000 --train_batch_size 32 --num_train_epochs 35

@@ -1,8 +1,8 @@
 """Run everything the README reports, at one scale, in one command, keeping every log.
 
-    python walkthrough.py --scale demo                                  # about 4 minutes on a 2-core laptop
-    python walkthrough.py --scale cpu --noisy_labels CIFAR-10_human.pt  # about 3 hours on 2 cores
-    python walkthrough.py --scale full --noisy_labels CIFAR-10_human.pt --out_dir ~/runs/full  # original job, CPU
+    python walkthrough.py --scale demo                                  # about 4 minutes on a 2-core CPU
+    python walkthrough.py --scale cpu --noisy_labels CIFAR-10_human.pt  # about 3.5 hours on 2 cores
+    python walkthrough.py --scale full --noisy_labels CIFAR-10_human.pt  # the original job on a CPU: hours to a day
     python walkthrough.py --scale gpu --noisy_labels CIFAR-10_human.pt  # the original full job, on a GPU
 
 Everything a walk-through makes goes under --out_dir (default ./walkthrough/<scale>): checkpoints/,
@@ -16,7 +16,7 @@ SIGTERM or SIGINT is passed on to the running step, which saves its progress bef
 Scales:
   demo: 500 training images and a short training, EK-FAC pairwise scores for 16 test images with the picture of
         their most influential training images, and mislabel detection with its figure.
-  cpu:  a model that fits its labels on a subset a 2-core CPU trains in minutes, every strategy for mislabel
+  cpu:  a model that fits its labels on a subset a 2-core CPU trains in under an hour, every strategy for mislabel
         detection, EK-FAC pairwise scores, bf16 checked on a smaller subset, the benchmark, the same jobs split
         over 2 processes, and the LDS of every strategy against 60 retrainings (about an hour more).
   full: the original example's full job on a CPU (hours to a day on 2 cores: docs/full_size.md): the 10%-corrupted
@@ -28,7 +28,7 @@ Scales:
         faster than fp32 (see --train_precision), else in fp32.
   gpu:  the original example's full job: 25 epochs on 50,000 images, 2,000 x 50,000 pairwise scores in fp32
         and bf16, self-influence of all 50,000, every strategy, the full-size benchmark, and the LDS against 200
-        retrainings on halves of the 50,000 (hours: docs/lds.md).
+        retrainings on halves of the 50,000 (about half an hour of training on one H100 by an estimate: docs/lds.md).
 The CIFAR-10N steps (training and detection on human label mistakes) run when --noisy_labels names the
 release's CIFAR-10_human.pt (https://github.com/UCSC-REAL/cifar-10-100n, folder data/) or an .npz with an
 aggre_label array; without it they are skipped with a line saying so.
