@@ -38,12 +38,20 @@ from tqdm import tqdm
 
 from influence import flops
 from influence.arguments import FactorArguments, ScoreArguments, to_dict
-from influence.capture import Capture, Inputs, backward_batch, batch_slice, per_example_gradient, to_device
+from influence.capture import (
+    Capture,
+    Inputs,
+    backward_batch,
+    batch_length,
+    batch_slice,
+    per_example_gradient,
+    to_device,
+)
 from influence.distributed import Group, balanced_owners
 from influence.errors import InfluenceError
 from influence.factors import CovarianceAccumulator, LambdaAccumulator, eigendecomposition, kfac_lambda
 from influence.modules import Layer, find_layers, input_patches
-from influence.passes import ALL_MODULES, SECONDS, Columns, Loop, Pass, Rows, batch_length
+from influence.passes import ALL_MODULES, SECONDS, Columns, Loop, Pass, Rows
 from influence.precondition import LayerPreconditioner
 from influence.products import held_dtype, matmul
 from influence.profiler import Profiler, synchronize

@@ -45,6 +45,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return map_tensors(batch, lambda tensor: tensor.to(device, non_blocking=device.type == "cuda"))
 
 
+def batch_length(batch: Any) -> int:
+    """Examples in a batch: the leading dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        found = batch_length(item) if isinstance(item, (torch.Tensor, dict, list, tuple)) else None
+        if found is not None:
+            return found
+    raise InfluenceError(f"cannot tell how many examples a batch holds: it has no tensor ({type(batch).__name__})")
+
+
 def batch_slice(batch: Any, start: int, end: int, examples: int) -> Any:
     """Examples start:end of a batch of `examples` whose every item is a tensor with one row per example (nested
     in dicts, lists, tuples); any other item (a list of names, a tensor shared by the batch) could not be cut
@@ -88,7 +100,9 @@ class Capture:
     """Context manager: while open, each backward through `model` calls `process(layer, a, g)` per tracked layer.
 
     `batch_size` is the leading dimension of the current batch, known once the forward pass reached a
-    tracked layer; `keep` (set by the caller) trims a and g to the first `keep` examples.
+    tracked layer, and every tracked layer's input must lead with the batch's `examples` (new_batch) rows: a layer
+    that sees the batch's rows otherwise (a model that reshapes [B, T, D] to [B * T, D] before it) would mix
+    examples, so it is refused; `keep` (set by the caller) trims a and g to the first `keep` examples.
     With `max_elements`, a layer's examples are handed over in consecutive chunks whose a, g and per-example
     gradients hold at most that many elements each: the batch stays large for the forward and backward passes,
     while the expanded per-layer tensors stay small enough to be reused from cache instead of freshly faulted in.
@@ -110,6 +124,7 @@ class Capture:
         self.model, self.layers, self.process, self.dtype = model, layers, process, dtype
         self.max_elements, self.gradients, self.inputs = max_elements, gradients, inputs
         self.batch_size: int | None = None
+        self.examples: int | None = None
         self.keep: int | None = None
         self._handles: list[Any] = []
         self._called: set[str] = set()
@@ -131,8 +146,8 @@ class Capture:
         for param, flag in self._requires_grad:
             param.requires_grad_(flag)
 
-    def new_batch(self) -> None:
-        self.batch_size, self.keep = None, None
+    def new_batch(self, examples: int | None = None) -> None:
+        self.batch_size, self.keep, self.examples = None, None, examples
         self._called.clear()
 
     @staticmethod
@@ -153,9 +168,17 @@ class Capture:
                     "not support: leave it out of tracked_modules()"
                 )
             self._called.add(layer.name)
-            x = args[0].detach()
+            x = args[0].detach()  # shares the input's version counter, which on_grad checks
+            if self.examples is not None and (x.dim() == 0 or x.shape[0] != self.examples):
+                rows = x.shape[0] if x.dim() else "no"
+                raise InfluenceError(
+                    f"module {layer.name!r} got an input with {rows} rows for a batch of {self.examples} examples: "
+                    "the engine needs each tracked module's input to lead with the batch (one row per example); "
+                    "leave a module that sees the batch reshaped out of tracked_modules()"
+                )
             if self.batch_size is None:
                 self.batch_size = x.shape[0]
+            version = x._version
             # The forward and input-gradient products; a convolution's run in cuDNN, in TF32 on a GPU by default.
             convolution = isinstance(layer.module, nn.Conv2d)
             flops.add(4 * output.numel() * layer.module.weight[0].numel(), output.dtype, output.device, convolution)
@@ -166,6 +189,13 @@ class Capture:
             )
 
             def on_grad(grad: torch.Tensor) -> None:
+                # With the parameters frozen, autograd keeps no copy of x and cannot tell that it changed.
+                if x._version != version:
+                    raise InfluenceError(
+                        f"the input of module {layer.name!r} was changed in place after the module ran (an in-place "
+                        "operation such as relu_ or += on it): the engine reads that input in the backward pass, "
+                        "so compute out of place there"
+                    )
                 keep = self.keep if self.keep is not None else x.shape[0]
                 step = chunk_size(layer, positions, self.max_elements, keep, self.gradients)
                 for start in range(0, keep, step):
@@ -196,7 +226,7 @@ def backward_batch(
 
     `limit` caps the examples taken from this batch (for a cap on the total).
     """
-    capture.new_batch()
+    capture.new_batch(batch_length(batch))
     device_type = next(model.parameters()).device.type
     autocast = bf16_autocast(device_type) if half else nullcontext()
     with stages.stage(stages.MODEL), autocast:

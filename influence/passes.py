@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from influence import interrupt
+from influence.capture import batch_length
 from influence.distributed import Group
 from influence.errors import InfluenceError
 from influence.modules import Layer
@@ -51,18 +52,6 @@ ALL_MODULES = "all_modules"
 SECONDS = "seconds"  # metadata key of a pass's result files: the seconds the pass took, every part's
 BLOCK = "block/"  # prefix, in a pairwise partial file, of the columns of the query batch in progress
 Files = list[tuple[Path, dict[str, torch.Tensor], dict[str, Any] | None]]
-
-
-def batch_length(batch: Any) -> int:
-    """Examples in a batch: the leading dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        found = batch_length(item) if isinstance(item, (torch.Tensor, dict, list, tuple)) else None
-        if found is not None:
-            return found
-    raise InfluenceError(f"cannot tell how many examples a batch holds: it has no tensor ({type(batch).__name__})")
 
 
 @dataclass

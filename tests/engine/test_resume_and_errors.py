@@ -234,6 +234,46 @@ def test_weight_sharing_is_refused(tmp_path):
         analyzer.fit_all_factors("f", [(x, y)], FactorArguments(strategy="diagonal"))
 
 
+class RowsAsExamples(nn.Module):
+    """Its second layer sees the batch [B, 2, 3] reshaped to [B * 2, 3]: rows that are not examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 3), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.tanh(self.first(x.reshape(-1, 3)))
+        return self.second(rows.reshape(len(x), 6))
+
+
+class ChangesItsInput(nn.Module):
+    """The second layer's input is changed in place after that layer ran (as `h = f(x); x.mul_(2)` would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.first(x))
+        out = self.second(hidden)
+        hidden.mul_(2)
+        return out + hidden
+
+
+@pytest.mark.parametrize(
+    "model,shape,message",
+    [
+        (RowsAsExamples, (4, 2, 3), "module 'first' got an input with 8 rows for a batch of 4 examples"),
+        (ChangesItsInput, (4, 3), "the input of module 'second' was changed in place after the module ran"),
+    ],
+)
+def test_inputs_the_engine_would_misread_are_refused_by_name(tmp_path, model, shape, message):
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (4,))
+    analyzer = Analyzer("t", model().double(), TinyTask(), output_dir=tmp_path, disable_tqdm=True)
+    with pytest.raises(InfluenceError, match=message):
+        analyzer.fit_all_factors("f", [(x, y)], FactorArguments(strategy="diagonal"))
+
+
 class SkipsSmallBatches(nn.Module):
     """Its second layer runs only on batches of 3 or more examples."""
 
