@@ -25,7 +25,13 @@ import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 from example.checkpoints import checkpoint_path, load_model, train_command
-from example.flags import POSITIVE_INT, add_checkpoint_flags, add_data_flags, add_influence_flags
+from example.flags import (
+    add_checkpoint_flags,
+    add_data_flags,
+    add_influence_flags,
+    add_num_queries_flag,
+    add_query_batch_flag,
+)
 from example.results import (
     check_shape,
     data_fingerprint,
@@ -42,15 +48,8 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_data_flags(parser, num_train=True)
     add_checkpoint_flags(parser)
-    parser.add_argument(
-        "--query_batch_size",
-        type=POSITIVE_INT,
-        default=1000,
-        help="queries preconditioned and held at once; each needs one pass over the training set (default 1000)",
-    )
-    parser.add_argument(
-        "--num_queries", type=POSITIVE_INT, default=2000, help="score the first Q test images (default 2000)"
-    )
+    add_query_batch_flag(parser)
+    add_num_queries_flag(parser)
     add_influence_flags(parser)
     return parser.parse_args(argv)
 

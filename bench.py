@@ -47,7 +47,10 @@ from example.flags import (
     POSITIVE_INT,
     add_device_flag,
     add_influence_batch_flag,
+    add_num_queries_flag,
+    add_num_train_flag,
     add_process_flags,
+    add_query_batch_flag,
     add_save_interval_flag,
     add_strategy_flag,
     influence_batch_size,
@@ -80,8 +83,8 @@ PHASES = {
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num_train", type=POSITIVE_INT, default=1000, help="training examples (default 1000)")
-    parser.add_argument("--num_queries", type=POSITIVE_INT, default=50, help="query examples (default 50)")
+    add_num_train_flag(parser, default=1000)
+    add_num_queries_flag(parser, default=50)
     add_strategy_flag(parser)
     parser.add_argument(
         "--use_half_precision",
@@ -91,7 +94,7 @@ def parse_args(argv=None):
     )
     add_device_flag(parser, "; under torchrun, cpu means gloo")
     add_influence_batch_flag(parser)
-    parser.add_argument("--query_batch_size", type=POSITIVE_INT, default=None, help="default: all queries at once")
+    add_query_batch_flag(parser, default=None)
     parser.add_argument("--dataset_dir", default=None, help="use real CIFAR-10 from here (default: random images)")
     parser.add_argument(
         "--checkpoint",

@@ -53,12 +53,14 @@ from example.checkpoints import load_model
 from example.devices import get_device, place_model
 from example.errors import PipelineError
 from example.flags import (
-    POSITIVE_INT,
     add_damping_flag,
     add_data_flags,
     add_device_flag,
     add_fisher_flags,
     add_influence_batch_flag,
+    add_num_queries_flag,
+    add_num_train_flag,
+    add_query_batch_flag,
     add_strategy_flag,
     influence_batch_size,
 )
@@ -89,12 +91,8 @@ def parse_args(argv=None):
     # The whole docstring: what is timed, what both sides compute, and how to install kronfluence beside this project.
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_flags(parser)
-    parser.add_argument(
-        "--num_train", type=POSITIVE_INT, default=512, help="the first N CIFAR-10 training images (default 512)"
-    )
-    parser.add_argument(
-        "--num_queries", type=POSITIVE_INT, default=32, help="the first Q CIFAR-10 test images (default 32)"
-    )
+    add_num_train_flag(parser, default=512)
+    add_num_queries_flag(parser, default=32)
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -113,9 +111,7 @@ def parse_args(argv=None):
     add_device_flag(parser)
     add_damping_flag(parser)
     add_influence_batch_flag(parser)
-    parser.add_argument(
-        "--query_batch_size", type=POSITIVE_INT, default=None, help="queries per batch on both sides (default: all)"
-    )
+    add_query_batch_flag(parser, default=None)
     parser.add_argument(
         "--use_half_precision",
         action="store_true",

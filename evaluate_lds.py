@@ -54,7 +54,10 @@ from example.flags import (
     add_data_flags,
     add_fisher_flags,
     add_influence_batch_flag,
+    add_num_queries_flag,
+    add_num_train_flag,
     add_process_flags,
+    add_query_batch_flag,
     add_strategy_flag,
     influence_batch_size,
 )
@@ -93,12 +96,8 @@ def parse_args(argv=None):
     add_data_flags(parser)
     parser.add_argument("--output_dir", default="./lds_results", help="where every file goes (default ./lds_results)")
     sizes = parser.add_argument_group("retrainings")
-    sizes.add_argument(
-        "--num_train", type=POSITIVE_INT, default=None, help="N: the first N training images (default all)"
-    )
-    sizes.add_argument(
-        "--num_queries", type=POSITIVE_INT, default=2000, help="Q: the first Q test images (default 2000)"
-    )
+    add_num_train_flag(sizes)
+    add_num_queries_flag(sizes)
     sizes.add_argument("--alpha", type=float, default=0.5, help="each subset holds round(alpha * N) (default 0.5)")
     sizes.add_argument("--num_subsets", type=POSITIVE_INT, default=100, help="M random subsets (default 100)")
     sizes.add_argument("--seeds_per_subset", type=POSITIVE_INT, default=2, help="K models per subset (default 2)")
@@ -115,12 +114,7 @@ def parse_args(argv=None):
     add_strategy_flag(scores, several=True)
     add_damping_flag(scores, several=True)
     add_fisher_flags(scores)
-    scores.add_argument(
-        "--query_batch_size",
-        type=POSITIVE_INT,
-        default=1000,
-        help="queries per pass over the training data (default 1000)",
-    )
+    add_query_batch_flag(scores)
     add_influence_batch_flag(scores)
     parser.add_argument("--figure", default=None, help="the figure (default: <output_dir>/lds.png)")
     parser.add_argument("--profile", action="store_true", help="print the engine's timing table")

@@ -103,12 +103,30 @@ def add_data_flags(parser: argparse.ArgumentParser, num_train: bool = False) -> 
     """--dataset_dir, and --num_train for the scripts that train on, or score, the training set."""
     parser.add_argument("--dataset_dir", default="./data", help="folder holding cifar-10-batches-py/ (default ./data)")
     if num_train:
-        parser.add_argument(
-            "--num_train",
-            type=POSITIVE_INT,
-            default=None,
-            help="use the first N training examples (default: all 50,000)",
-        )
+        add_num_train_flag(parser)
+
+
+def add_num_train_flag(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+    """--num_train: all 50,000 training images by default, as the original; the benchmarks take fewer."""
+    said = "all 50,000" if default is None else f"{default}"
+    parser.add_argument(
+        "--num_train",
+        type=POSITIVE_INT,
+        default=default,
+        metavar="N",
+        help=f"use the first N training examples (default: {said})",
+    )
+
+
+def add_num_queries_flag(parser: argparse.ArgumentParser, default: int = 2000) -> None:
+    """--num_queries: the original's 2,000 test images by default; the benchmarks take fewer."""
+    parser.add_argument(
+        "--num_queries",
+        type=POSITIVE_INT,
+        default=default,
+        metavar="Q",
+        help=f"score the first Q test images as queries (default: {default})",
+    )
 
 
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
@@ -213,6 +231,19 @@ def add_influence_batch_flag(parser: argparse.ArgumentParser, original_name: boo
         help="training examples per forward/backward in the influence passes (default: "
         f"{INFLUENCE_BATCH_SIZE['cuda']} on a GPU, {INFLUENCE_BATCH_SIZE['cpu']} on the CPU, which keeps a pass's "
         f"memory low; 512 may run up to 9%% faster there for about 1 GiB more){alias}",
+    )
+
+
+def add_query_batch_flag(parser: argparse.ArgumentParser, default: int | None = 1000) -> None:
+    """--query_batch_size: 1000 in the original example's scripts (analyze.py, evaluate_lds.py), all the queries
+    at once (None) in the benchmarks, whose jobs are small."""
+    said = f"default {default}" if default is not None else "default: all the queries at once"
+    parser.add_argument(
+        "--query_batch_size",
+        type=POSITIVE_INT,
+        default=default,
+        metavar="Q",
+        help=f"queries preconditioned and held at once; each such batch is one pass over the training data ({said})",
     )
 
 
