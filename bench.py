@@ -47,6 +47,7 @@ from example.flags import (
     POSITIVE_INT,
     add_device_flag,
     add_influence_batch_flag,
+    add_model_file_flag,
     add_num_queries_flag,
     add_num_train_flag,
     add_process_flags,
@@ -96,13 +97,7 @@ def parse_args(argv=None):
     add_influence_batch_flag(parser)
     add_query_batch_flag(parser, default=None)
     parser.add_argument("--dataset_dir", default=None, help="use real CIFAR-10 from here (default: random images)")
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        metavar="FILE.safetensors",
-        help="a ResNet-9 checkpoint written by train.py, e.g. ./checkpoints/model.safetensors (default: random "
-        "weights, which cost the same)",
-    )
+    add_model_file_flag(parser)
     parser.add_argument(
         "--matmul_size",
         type=POSITIVE_INT,

@@ -58,6 +58,7 @@ from example.flags import (
     add_device_flag,
     add_fisher_flags,
     add_influence_batch_flag,
+    add_model_file_flag,
     add_num_queries_flag,
     add_num_train_flag,
     add_query_batch_flag,
@@ -93,13 +94,7 @@ def parse_args(argv=None):
     add_data_flags(parser)
     add_num_train_flag(parser, default=512)
     add_num_queries_flag(parser, default=32)
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        metavar="FILE.safetensors",
-        help="a ResNet-9 checkpoint written by train.py, e.g. ./checkpoints/model.safetensors (default: random "
-        "weights seeded 0, which cost the same)",
-    )
+    add_model_file_flag(parser)
     parser.add_argument(
         "--jobs",
         nargs="+",

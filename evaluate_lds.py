@@ -57,6 +57,7 @@ from example.flags import (
     add_num_queries_flag,
     add_num_train_flag,
     add_process_flags,
+    add_profile_flag,
     add_query_batch_flag,
     add_strategy_flag,
     influence_batch_size,
@@ -117,7 +118,7 @@ def parse_args(argv=None):
     add_query_batch_flag(scores)
     add_influence_batch_flag(scores)
     parser.add_argument("--figure", default=None, help="the figure (default: <output_dir>/lds.png)")
-    parser.add_argument("--profile", action="store_true", help="print the engine's timing table")
+    add_profile_flag(parser)
     add_process_flags(parser)
     args = parser.parse_args(argv)
     if args.num_subsets < 3:

@@ -195,7 +195,7 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
         help="bf16 autocast for forward/backward and bf16 pairwise products (results saved as *_half; "
         f"{bf16_hardware_note()}); without it {FP32_POLICY}",
     )
-    parser.add_argument("--profile", action="store_true", help="print the timing table at the end")
+    add_profile_flag(parser)
     add_influence_batch_flag(parser, original_name=True)
     parser.add_argument(
         "--overwrite_output_dir", action="store_true", help="recompute factors and scores even if saved ones exist"
@@ -206,8 +206,25 @@ def add_influence_flags(parser: argparse.ArgumentParser) -> None:
     add_process_flags(parser)
 
 
+def add_profile_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile", action="store_true", help="print the engine's timing table (the original's format) at the end"
+    )
+
+
 # Training examples per batch of the influence passes when --influence_batch_size is not given, per device type.
 INFLUENCE_BATCH_SIZE = {"cuda": 512, "cpu": 128}
+
+
+def add_model_file_flag(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint (bench.py, compare_kronfluence.py): one checkpoint file, or random weights (the same cost)."""
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="FILE.safetensors",
+        help="a ResNet-9 checkpoint written by train.py, e.g. ./checkpoints/model.safetensors (default: random "
+        "weights seeded 0, which cost the same)",
+    )
 
 
 def add_device_flag(parser: argparse.ArgumentParser, note: str = "") -> None:
