@@ -52,6 +52,7 @@ from example.flags import (
     POSITIVE_INT,
     add_damping_flag,
     add_data_flags,
+    add_eval_batch_flag,
     add_fisher_flags,
     add_influence_batch_flag,
     add_num_queries_flag,
@@ -102,9 +103,7 @@ def parse_args(argv=None):
     sizes.add_argument("--alpha", type=float, default=0.5, help="each subset holds round(alpha * N) (default 0.5)")
     sizes.add_argument("--num_subsets", type=POSITIVE_INT, default=100, help="M random subsets (default 100)")
     sizes.add_argument("--seeds_per_subset", type=POSITIVE_INT, default=2, help="K models per subset (default 2)")
-    sizes.add_argument(
-        "--eval_batch_size", type=POSITIVE_INT, default=1024, help="queries per forward pass for margins"
-    )
+    add_eval_batch_flag(sizes)
     add_recipe_flags(
         parser,
         seeds="the full model's initial weights, batch order and augmentation, the subsets, retraining (j, k)'s "

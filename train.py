@@ -43,7 +43,14 @@ from tqdm import tqdm
 
 from example.checkpoints import checkpoint_path, save_model
 from example.errors import PipelineError
-from example.flags import POSITIVE_INT, add_checkpoint_flags, add_data_flags, add_label_flags, add_process_flags
+from example.flags import (
+    POSITIVE_INT,
+    add_checkpoint_flags,
+    add_data_flags,
+    add_eval_batch_flag,
+    add_label_flags,
+    add_process_flags,
+)
 from example.hardware import keep_freed_memory
 from example.run import ArgumentParser, is_main, run_cli, say_if_bf16_is_emulated, start_processes
 from example.task import evaluate
@@ -59,9 +66,7 @@ def parse_args(argv=None):
     add_data_flags(parser, num_train=True)
     add_checkpoint_flags(parser)
     add_label_flags(parser)
-    parser.add_argument(
-        "--eval_batch_size", type=POSITIVE_INT, default=1024, help="images per evaluation batch (default 1024)"
-    )
+    add_eval_batch_flag(parser)
     parser.add_argument(
         "--num_test",
         type=POSITIVE_INT,

@@ -216,6 +216,16 @@ def add_profile_flag(parser: argparse.ArgumentParser) -> None:
 INFLUENCE_BATCH_SIZE = {"cuda": 512, "cpu": 128}
 
 
+def add_eval_batch_flag(parser: argparse.ArgumentParser) -> None:
+    """--eval_batch_size (train.py's accuracies, evaluate_lds.py's margins): the original's 1024."""
+    parser.add_argument(
+        "--eval_batch_size",
+        type=POSITIVE_INT,
+        default=1024,
+        help="images per forward pass when evaluating (accuracies, margins; default 1024)",
+    )
+
+
 def add_model_file_flag(parser: argparse.ArgumentParser) -> None:
     """--checkpoint (bench.py, compare_kronfluence.py): one checkpoint file, or random weights (the same cost)."""
     parser.add_argument(
