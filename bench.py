@@ -84,8 +84,8 @@ PHASES = {
 
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_num_train_flag(parser, default=1000)
-    add_num_queries_flag(parser, default=50)
+    add_num_train_flag(parser, 1000, ", random images unless --dataset_dir is given")
+    add_num_queries_flag(parser, 50, ", random images unless --dataset_dir is given")
     add_strategy_flag(parser)
     parser.add_argument(
         "--use_half_precision",

@@ -106,7 +106,7 @@ def parse_args(argv=None):
     add_device_flag(parser)
     add_damping_flag(parser)
     add_influence_batch_flag(parser)
-    add_query_batch_flag(parser, default=None)
+    add_query_batch_flag(parser, None, ", on both sides")
     parser.add_argument(
         "--use_half_precision",
         action="store_true",

@@ -2,7 +2,7 @@
 
     python walkthrough.py --scale demo                                  # about 4 minutes on a 2-core CPU
     python walkthrough.py --scale cpu --noisy_labels CIFAR-10_human.pt  # about 3.5 hours on 2 cores
-    python walkthrough.py --scale full --noisy_labels CIFAR-10_human.pt  # the original job on a CPU: hours to a day
+    python walkthrough.py --scale full --noisy_labels CIFAR-10_human.pt  # the original job on a CPU: hours to days
     python walkthrough.py --scale gpu --noisy_labels CIFAR-10_human.pt  # the original full job, on a GPU
 
 Everything a walk-through makes goes under --out_dir (default ./walkthrough/<scale>): checkpoints/,
@@ -19,9 +19,10 @@ Scales:
   cpu:  a model that fits its labels on a subset a 2-core CPU trains in under an hour, every strategy for mislabel
         detection, EK-FAC pairwise scores, bf16 checked on a smaller subset, the benchmark, the same jobs split
         over 2 processes, and the LDS of every strategy against 60 retrainings (about an hour more).
-  full: the original example's full job on a CPU (hours to a day on 2 cores: docs/full_size.md): the 10%-corrupted
-        model trained with the original recipe and its detection with every strategy first (EK-FAC in fp32, as the
-        original; the other strategies in bf16 where the models train in bf16), then the clean model,
+  full: the original example's full job on a CPU (on 2 cores, hours with AMX and more than a day without:
+        docs/full_size.md): the 10%-corrupted model trained with the original recipe and its detection with every
+        strategy first (EK-FAC in fp32, as the original; the other strategies in bf16 where the models train in
+        bf16), then the clean model,
         EK-FAC pairwise scores of 2,000 queries x 50,000 in fp32 and bf16 and their agreement (on a CPU without
         bf16 units bf16 is emulated, at about the fp32 speed), the most influential images, and the CIFAR-10N
         model and its detection. The models train with channels-last, in bf16 where this CPU's bf16 products are

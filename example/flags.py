@@ -106,7 +106,7 @@ def add_data_flags(parser: argparse.ArgumentParser, num_train: bool = False) -> 
         add_num_train_flag(parser)
 
 
-def add_num_train_flag(parser: argparse.ArgumentParser, default: int | None = None) -> None:
+def add_num_train_flag(parser: argparse.ArgumentParser, default: int | None = None, note: str = "") -> None:
     """--num_train: all 50,000 training images by default, as the original; the benchmarks take fewer."""
     said = "all 50,000" if default is None else f"{default}"
     parser.add_argument(
@@ -114,18 +114,18 @@ def add_num_train_flag(parser: argparse.ArgumentParser, default: int | None = No
         type=POSITIVE_INT,
         default=default,
         metavar="N",
-        help=f"use the first N training examples (default: {said})",
+        help=f"use the first N training examples{note} (default: {said})",
     )
 
 
-def add_num_queries_flag(parser: argparse.ArgumentParser, default: int = 2000) -> None:
+def add_num_queries_flag(parser: argparse.ArgumentParser, default: int = 2000, note: str = "") -> None:
     """--num_queries: the original's 2,000 test images by default; the benchmarks take fewer."""
     parser.add_argument(
         "--num_queries",
         type=POSITIVE_INT,
         default=default,
         metavar="Q",
-        help=f"score the first Q test images as queries (default: {default})",
+        help=f"score the first Q test images as queries{note} (default: {default})",
     )
 
 
@@ -261,7 +261,7 @@ def add_influence_batch_flag(parser: argparse.ArgumentParser, original_name: boo
     )
 
 
-def add_query_batch_flag(parser: argparse.ArgumentParser, default: int | None = 1000) -> None:
+def add_query_batch_flag(parser: argparse.ArgumentParser, default: int | None = 1000, note: str = "") -> None:
     """--query_batch_size: 1000 in the original example's scripts (analyze.py, evaluate_lds.py), all the queries
     at once (None) in the benchmarks, whose jobs are small."""
     said = f"default {default}" if default is not None else "default: all the queries at once"
@@ -269,8 +269,9 @@ def add_query_batch_flag(parser: argparse.ArgumentParser, default: int | None = 
         "--query_batch_size",
         type=POSITIVE_INT,
         default=default,
-        metavar="Q",
-        help=f"queries preconditioned and held at once; each such batch is one pass over the training data ({said})",
+        metavar="B",
+        help=f"queries preconditioned and held at once; each such batch is one pass over the training data{note} "
+        f"({said})",
     )
 
 

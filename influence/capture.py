@@ -46,15 +46,22 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def batch_length(batch: Any) -> int:
-    """Examples in a batch: the leading dimension of its first tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.dim() else 1
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    for item in items:
-        found = batch_length(item) if isinstance(item, (torch.Tensor, dict, list, tuple)) else None
+    """Examples in a batch: the leading dimension of its first tensor (nested in dicts, lists, tuples)."""
+    found = _leading_dimension(batch)
+    if found is None:
+        raise InfluenceError(f"cannot tell how many examples a batch holds: it has no tensor ({type(batch).__name__})")
+    return found
+
+
+def _leading_dimension(item: Any) -> int | None:
+    if isinstance(item, torch.Tensor):
+        return item.shape[0] if item.dim() else 1
+    items = item.values() if isinstance(item, dict) else item if isinstance(item, (list, tuple)) else ()
+    for inner in items:
+        found = _leading_dimension(inner)
         if found is not None:
             return found
-    raise InfluenceError(f"cannot tell how many examples a batch holds: it has no tensor ({type(batch).__name__})")
+    return None
 
 
 def batch_slice(batch: Any, start: int, end: int, examples: int) -> Any:
@@ -172,9 +179,10 @@ class Capture:
             if self.examples is not None and (x.dim() == 0 or x.shape[0] != self.examples):
                 rows = x.shape[0] if x.dim() else "no"
                 raise InfluenceError(
-                    f"module {layer.name!r} got an input with {rows} rows for a batch of {self.examples} examples: "
-                    "the engine needs each tracked module's input to lead with the batch (one row per example); "
-                    "leave a module that sees the batch reshaped out of tracked_modules()"
+                    f"module {layer.name!r} got an input with {rows} rows for a batch of {self.examples} examples "
+                    "(the leading dimension of the batch's first tensor): the engine needs each tracked module's "
+                    "input to lead with the batch, one row per example; leave a module that sees the batch reshaped "
+                    "out of tracked_modules(), or put a tensor with one row per example first in the batch"
                 )
             if self.batch_size is None:
                 self.batch_size = x.shape[0]

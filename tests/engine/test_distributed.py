@@ -5,7 +5,6 @@ Each test runs tests/engine_worker.py: in this process for the reference, in 2 o
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -64,9 +63,9 @@ def test_a_killed_run_resumes_each_pass_where_it_stopped(tmp_path, reference, ca
 
 
 def test_a_failing_rank_stops_every_process_and_is_named(tmp_path):
-    start = time.monotonic()
+    # Ranks 0 and 2 must end with the error naming rank 1 (their group's 30 s timeout bounds the wait), not be
+    # killed by launch's 120 s limit.
     results = launch(tmp_path, 3, {"cases": ["ekfac_true_b7"], "fail_rank": 1, "timeout": 30}, timeout=120)
-    assert time.monotonic() - start < 60
     assert all(result.returncode != 0 for result in results), [r.returncode for r in results]
     assert "ValueError: injected failure" in results[1].stderr
     for rank in (0, 2):

@@ -146,16 +146,21 @@ SQUARED_NORM_SHAPES = [("gram", 2, 9, 8), ("gram", 3, 16, 5), ("direct", 12, 3, 
 
 
 @pytest.mark.parametrize("branch,positions,out_dim,in_dim", SQUARED_NORM_SHAPES)
-def test_squared_gradient_norm_and_weighted_square_sums(branch, positions, out_dim, in_dim):
+def test_squared_gradient_norm_and_weighted_square_sums(monkeypatch, branch, positions, out_dim, in_dim):
+    from influence import precondition
     from influence.precondition import squared_gradient_norm, weighted_square_sums
 
-    assert (positions * (in_dim + out_dim) < out_dim * in_dim) == (branch == "gram")
+    formed = []  # the direct branch forms G; the Gram branch must not
+    monkeypatch.setattr(
+        precondition, "per_example_gradient", lambda a, g: formed.append(1) or torch.einsum("nto,nti->noi", g, a)
+    )
     torch.manual_seed(positions)
     a = torch.randn(4, positions, in_dim, dtype=torch.float64)
     g = torch.randn(4, positions, out_dim, dtype=torch.float64)
     gradient = torch.einsum("nto,nti->noi", g, a)
     expected = torch.stack([(gradient[n] ** 2).sum() for n in range(4)])
     assert relative_error(squared_gradient_norm(a, g), expected) < 1e-12
+    assert len(formed) == (1 if branch == "direct" else 0)
     weights = torch.rand(out_dim, in_dim, dtype=torch.float64)
     weighted = torch.stack([(gradient[n] ** 2 * weights).sum() for n in range(4)])
     assert relative_error(weighted_square_sums(gradient.clone(), weights), weighted) < 1e-12
@@ -226,6 +231,18 @@ def test_a_query_batch_runs_in_slices_of_query_slice_size(tmp_path, kind, max_el
     # the 11 queries went through the model as 3 + 3 + 3 + 2, then the 32 training examples as 4 batches of 8;
     # without query_slice_size as one batch of 11
     assert seen == [3, 3, 3, 2] + [8] * 4 + [11] + [8] * 4
+
+
+def test_batch_length_is_the_first_tensors_leading_dimension():
+    from influence import InfluenceError
+    from influence.capture import batch_length
+
+    assert batch_length((["a", "b"], {"x": torch.zeros(3, 2)}, torch.zeros(5))) == 3  # names before the tensors
+    assert batch_length([torch.tensor(1.0)]) == 1
+    with pytest.raises(
+        InfluenceError, match=r"cannot tell how many examples a batch holds: it has no tensor \(tuple\)"
+    ):
+        batch_length((["a", "b"], 3))
 
 
 def test_batch_slice_cuts_every_tensor_and_refuses_what_it_cannot_cut():

@@ -247,14 +247,15 @@ class RowsAsExamples(nn.Module):
 
 
 class ChangesItsInput(nn.Module):
-    """The second layer's input is changed in place after that layer ran (as `h = f(x); x.mul_(2)` would)."""
+    """The second layer's input is changed in place after that layer ran (as `h = f(x); x.mul_(2)` would), and no
+    other operation saved it, so autograd itself cannot notice."""
 
     def __init__(self) -> None:
         super().__init__()
         self.first, self.second = nn.Linear(3, 3), nn.Linear(3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = torch.tanh(self.first(x))
+        hidden = self.first(x) + 1.0
         out = self.second(hidden)
         hidden.mul_(2)
         return out + hidden
