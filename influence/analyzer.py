@@ -181,7 +181,7 @@ class Analyzer:
                 backward_batch(capture, self.model, batch, loss_fn, half, what, count)
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError (the same class) needs torch 2.5
             raise InfluenceError(
-                f"out of memory on {self.device} in '{desc}' with batches of {capture.batch_size}: "
+                f"out of memory on {self.device} in '{desc}' with batches of {capture.examples}: "
                 "use smaller batches (train_batch_size, query_batch_size)"
             ) from None
 

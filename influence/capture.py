@@ -106,8 +106,7 @@ def chunk_size(layer: Layer, positions: int, max_elements: int | None, examples:
 class Capture:
     """Context manager: while open, each backward through `model` calls `process(layer, a, g)` per tracked layer.
 
-    `batch_size` is the leading dimension of the current batch, known once the forward pass reached a
-    tracked layer, and every tracked layer's input must lead with the batch's `examples` (new_batch) rows: a layer
+    Every tracked layer's input must lead with the current batch's `examples` (new_batch) rows: a layer
     that sees the batch's rows otherwise (a model that reshapes [B, T, D] to [B * T, D] before it) would mix
     examples, so it is refused; `keep` (set by the caller) trims a and g to the first `keep` examples.
     With `max_elements`, a layer's examples are handed over in consecutive chunks whose a, g and per-example
@@ -130,7 +129,6 @@ class Capture:
     ) -> None:
         self.model, self.layers, self.process, self.dtype = model, layers, process, dtype
         self.max_elements, self.gradients, self.inputs = max_elements, gradients, inputs
-        self.batch_size: int | None = None
         self.examples: int | None = None
         self.keep: int | None = None
         self._handles: list[Any] = []
@@ -153,9 +151,14 @@ class Capture:
         for param, flag in self._requires_grad:
             param.requires_grad_(flag)
 
-    def new_batch(self, examples: int | None = None) -> None:
-        self.batch_size, self.keep, self.examples = None, None, examples
+    def new_batch(self, examples: int) -> None:
+        self.keep, self.examples = None, examples
         self._called.clear()
+
+    @property
+    def ran(self) -> bool:
+        """Whether a tracked module ran in the current batch's forward pass."""
+        return bool(self._called)
 
     @staticmethod
     def _pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -184,8 +187,6 @@ class Capture:
                     "input to lead with the batch, one row per example; leave a module that sees the batch reshaped "
                     "out of tracked_modules(), or put a tensor with one row per example first in the batch"
                 )
-            if self.batch_size is None:
-                self.batch_size = x.shape[0]
             version = x._version
             # The forward and input-gradient products; a convolution's run in cuDNN, in TF32 on a GPU by default.
             convolution = isinstance(layer.module, nn.Conv2d)
@@ -234,7 +235,8 @@ def backward_batch(
 
     `limit` caps the examples taken from this batch (for a cap on the total).
     """
-    capture.new_batch(batch_length(batch))
+    examples = batch_length(batch)
+    capture.new_batch(examples)
     device_type = next(model.parameters()).device.type
     autocast = bf16_autocast(device_type) if half else nullcontext()
     with stages.stage(stages.MODEL), autocast:
@@ -242,9 +244,9 @@ def backward_batch(
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise InfluenceError(f"{what} must return a scalar tensor (summed over the batch), got {shape}")
-    if capture.batch_size is None:
+    if not capture.ran:
         raise InfluenceError(f"{what} ran no tracked module: does it call the model on the batch?")
-    capture.keep = capture.batch_size if limit is None else min(limit, capture.batch_size)
+    capture.keep = examples if limit is None else min(limit, examples)
     if not loss.requires_grad:
         raise InfluenceError(f"{what} does not depend on the tracked modules' outputs")
     with stages.stage(stages.MODEL):  # the hooks' patches and kernels inside it are timed as their own stages
