@@ -478,7 +478,7 @@ class Store:
         place), else a copy, and is whole or absent (write_atomically); a partial result of ours is removed."""
         wanted = json.loads(json.dumps({key: value for key, value in arguments.items() if key != ignore}))
 
-        def take() -> Path | None:
+        def take() -> str | None:  # a name: on_main shares rank 0's result with the other ranks as JSON
             for sibling in sorted(self.folder.glob("factors_*")):
                 if sibling == folder or not all((sibling / name).exists() for name in names):
                     continue
@@ -488,10 +488,11 @@ class Store:
                 for name in names:
                     write_atomically(folder / name, lambda tmp, source=sibling / name: _link_or_copy(source, tmp))
                     partial_path(folder / name).unlink(missing_ok=True)
-                return sibling
+                return sibling.name
             return None
 
-        return self.group.on_main(take)
+        source = self.group.on_main(take)
+        return None if source is None else self.folder / source
 
     def load(self, path: Path, device: torch.device | str, missing: str | None = None) -> dict[str, torch.Tensor]:
         """The file's tensors on every rank; `missing`: the error if there is no such file."""

@@ -12,6 +12,8 @@ Options (JSON): "cases" (names, default all), "max_elements" (chunk bound), "sav
 "kill": [k, b] (SIGKILL this process when the k-th pass over the training data of this run reaches batch b),
 "term": [k, b, r] (SIGTERM rank r at the same point: the engine stops at the end of the round and saves),
 "fail_rank": r (that rank raises in its first training batch), "timeout" (seconds, the process group's),
+"analysis": one analysis name for every case (default: each case its own; the cases' factors and scores are
+then named after the case, so that K-FAC and EK-FAC cases of the same Fisher share their eigenbasis),
 "device": the processes' device, and so the backend ("cpu": gloo, the default, so that the CPU tests stay on the
 CPU on a GPU host; "cuda": nccl, one GPU per rank), "model_device": where the model and data live (default: the
 processes' device; "cpu" under "cuda" is a CPU model in an nccl job).
@@ -95,15 +97,19 @@ def run(out: Path, options: dict) -> None:
     model, x, y = model.to(device), x[:NUM_TRAIN].to(device), y[:NUM_TRAIN].to(device)
     queries = batches(x[:5] + 0.1, y[:5], 3)
     task = SamplingTask(fail=options.get("fail_rank") == rank)
+    shared = options.get("analysis")
     for name in options.get("cases") or list(cases()):
         case = cases()[name]
+        factors, pairwise_name, self_name = (
+            (name, f"pairwise_{name}", f"self_{name}") if shared else (case["strategy"], "pairwise", "self")
+        )
         term = options.get("term")
         if term is not None and term[2] == rank:
             train = KillingData(batches(x, y, case["batch"]), term[:2], signal.SIGTERM)
         else:
             train = KillingData(batches(x, y, case["batch"]), options.get("kill"))
         analyzer = Analyzer(
-            name,
+            shared or name,
             model,
             task,
             output_dir=out,
@@ -112,10 +118,10 @@ def run(out: Path, options: dict) -> None:
             max_elements=options.get("max_elements"),
         )
         factor_args = FactorArguments(strategy=case["strategy"], use_empirical_fisher=case["empirical"], seed=3)
-        analyzer.fit_all_factors(case["strategy"], train, factor_args)
+        analyzer.fit_all_factors(factors, train, factor_args)
         score_args = ScoreArguments(damping_factor=None, per_module=True)
-        pairwise = analyzer.compute_pairwise_scores("pairwise", case["strategy"], queries, train, score_args)
-        own = analyzer.compute_self_scores("self", case["strategy"], train, score_args)
+        pairwise = analyzer.compute_pairwise_scores(pairwise_name, factors, queries, train, score_args)
+        own = analyzer.compute_self_scores(self_name, factors, train, score_args)
         returned = {f"pairwise/{k}": v for k, v in pairwise.items()} | {f"self/{k}": v for k, v in own.items()}
         save_tensors(out / f"returned_rank{rank}_{name}.safetensors", returned)
 

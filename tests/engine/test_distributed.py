@@ -72,3 +72,20 @@ def test_a_failing_rank_stops_every_process_and_is_named(tmp_path):
         lines = results[rank].stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), results[rank].stderr
         assert "rank 1: ValueError: injected failure" in lines[0]
+
+
+def test_processes_share_a_sibling_eigenbasis(tmp_path, reference):
+    # K-FAC then EK-FAC in one analysis: EK-FAC takes K-FAC's covariances and eigenbasis, which rank 0 finds and
+    # every rank must learn about.
+    cases = ["kfac_true_b7", "ekfac_true_b7"]
+    results = launch(tmp_path, 2, {"cases": cases, "analysis": "shared"})
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stdout}\n{result.stderr}"
+    taken = "factors_ekfac_true_b7: the covariances and eigendecomposition are those of factors_kfac_true_b7"
+    assert taken in results[0].stdout, results[0].stdout
+    for case in cases:
+        expected = load_tensors(reference / f"returned_rank0_{case}.safetensors")
+        for rank in range(2):
+            returned = load_tensors(tmp_path / f"returned_rank{rank}_{case}.safetensors")
+            for key, tensor in expected.items():
+                assert relative_error(returned[key], tensor) < 1e-10, (rank, case, key)
