@@ -85,8 +85,7 @@ ENGINE_ARGUMENTS = {
     "overwrite_output_dir=True": "--overwrite_output_dir",
     "overwrite_output_dir": "--overwrite_output_dir",
     "output_dir": "--output_dir",
-    "train_batch_size": "--influence_batch_size",
-    "query_batch_size": "--query_batch_size",
+    "smaller training or query batches": "a smaller --influence_batch_size or --query_batch_size",
 }
 _ARGUMENT = re.compile(r"(?<![\w/.-])(" + "|".join(map(re.escape, ENGINE_ARGUMENTS)) + r")(?![\w/])")
 

@@ -172,17 +172,18 @@ class Analyzer:
                 return self.task.compute_train_loss(batch, model, sample=sample)
 
             what = "compute_train_loss"
-        batch = to_device(batch, self.device)
+        examples = batch_length(batch)
         sampling = (
             seeded_rngs(batch_seed(seed, offset, count), self.device) if loss == "sampled" else contextlib.nullcontext()
         )
         try:
+            batch = to_device(batch, self.device)
             with sampling:
                 backward_batch(capture, self.model, batch, loss_fn, half, what, count)
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError (the same class) needs torch 2.5
             raise InfluenceError(
-                f"out of memory on {self.device} in '{desc}' with batches of {capture.examples}: "
-                "use smaller batches (train_batch_size, query_batch_size)"
+                f"out of memory on {self.device} in '{desc}' with batches of {examples}: "
+                "use smaller training or query batches"
             ) from None
 
     def _one_batch(self, batch: Any, step: Callable[..., None], loss: str, half: bool, desc: str) -> None:

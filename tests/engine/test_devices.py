@@ -314,7 +314,8 @@ def test_out_of_memory_in_a_pass_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr("influence.analyzer.backward_batch", out_of_memory)
     analyzer = Analyzer("oom", model, TinyTask(), output_dir=tmp_path, disable_tqdm=True)
-    with pytest.raises(InfluenceError, match=r"^out of memory on cpu in 'Fit covariance' with batches of None"):
+    expected = r"^out of memory on cpu in 'Fit covariance' with batches of 8: use smaller training or query batches$"
+    with pytest.raises(InfluenceError, match=expected):
         analyzer.fit_all_factors("f", batches(x, y, 8), FactorArguments(strategy="kfac"))
 
 

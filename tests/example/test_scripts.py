@@ -353,6 +353,9 @@ def test_the_influence_batch_has_one_name_and_the_original_examples_alias():
     lds = evaluate_lds.parse_args(["--influence_batch_size", "32", "--train_batch_size", "16"])
     assert (lds.influence_batch_size, lds.train_batch_size) == (32, 16)  # the SGD batch of the retrainings
     assert train.parse_args(["--train_batch_size", "16"]).train_batch_size == 16
-    assert in_flags("use smaller batches (train_batch_size, query_batch_size)") == (
-        "use smaller batches (--influence_batch_size, --query_batch_size)"
+    assert in_flags("with batches of 8: use smaller training or query batches") == (
+        "with batches of 8: use a smaller --influence_batch_size or --query_batch_size"
     )
+    # train.py's own recipe is named by its keys, which are its flags: nothing to rewrite
+    refusal = "x.partial.safetensors holds the state of a run with train_batch_size=512, now train_batch_size=256"
+    assert in_flags(refusal) == refusal
