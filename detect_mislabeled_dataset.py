@@ -44,6 +44,7 @@ from example.flags import (
     POSITIVE_INT,
     add_checkpoint_flags,
     add_data_flags,
+    add_figure_flag,
     add_influence_flags,
     add_label_flags,
     figure_file,
@@ -71,17 +72,17 @@ def parse_args(argv=None):
     add_data_flags(parser, num_train=True)
     add_checkpoint_flags(parser)
     add_label_flags(parser, corrupt_percentage=0.1)
-    parser.add_argument(
-        "--figure",
-        type=figure_file,
-        default=None,
-        help="where to draw the detection curves (default figure/mislabel.png, or "
-        "figure/mislabel_noisy_<key>.png with --noisy_labels)",
+    add_figure_flag(
+        parser,
+        None,
+        "where to draw the detection curves (default figure/mislabel.png, or figure/mislabel_noisy_<key>.png with "
+        "--noisy_labels)",
     )
     parser.add_argument(
         "--top_figure",
         type=figure_file,
         default=None,
+        metavar="FILE",
         help="where to draw the top-ranked images (default: the --figure name with _top)",
     )
     parser.add_argument("--top_k", type=POSITIVE_INT, default=16, help="top-ranked images to draw (default 16)")

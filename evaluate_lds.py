@@ -53,6 +53,7 @@ from example.flags import (
     add_damping_flag,
     add_data_flags,
     add_eval_batch_flag,
+    add_figure_flag,
     add_fisher_flags,
     add_influence_batch_flag,
     add_num_queries_flag,
@@ -61,6 +62,7 @@ from example.flags import (
     add_profile_flag,
     add_query_batch_flag,
     add_strategy_flag,
+    folder,
     influence_batch_size,
 )
 from example.hardware import keep_freed_memory
@@ -96,7 +98,9 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_data_flags(parser)
-    parser.add_argument("--output_dir", default="./lds_results", help="where every file goes (default ./lds_results)")
+    parser.add_argument(
+        "--output_dir", type=folder, default="./lds_results", help="where every file goes (default ./lds_results)"
+    )
     sizes = parser.add_argument_group("retrainings")
     add_num_train_flag(sizes)
     add_num_queries_flag(sizes)
@@ -116,7 +120,7 @@ def parse_args(argv=None):
     add_fisher_flags(scores)
     add_query_batch_flag(scores)
     add_influence_batch_flag(scores)
-    parser.add_argument("--figure", default=None, help="the figure (default: <output_dir>/lds.png)")
+    add_figure_flag(parser, None, "the figure (default <output_dir>/lds.png)")
     add_profile_flag(parser)
     add_process_flags(parser)
     args = parser.parse_args(argv)

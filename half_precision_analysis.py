@@ -20,7 +20,7 @@ import numpy as np
 
 from example.errors import PipelineError
 from example.figures import save_figure, subplots
-from example.flags import add_results_flags, figure_file
+from example.flags import add_figure_flag, add_results_flags
 from example.lds import spearman
 from example.results import read_pairwise_scores
 from example.run import ArgumentParser, run_cli
@@ -31,9 +31,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     add_results_flags(parser)
     parser.add_argument("--query_index", type=int, default=0, help="query whose scores are drawn")
-    parser.add_argument(
-        "--figure", type=figure_file, default="figure/half_precision.png", help="where to draw the scatter plot"
-    )
+    add_figure_flag(parser, "figure/half_precision.png", "where to draw the scatter plot (default %(default)s)")
     return parser.parse_args(argv)
 
 

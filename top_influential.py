@@ -20,7 +20,7 @@ import torch
 
 from example.errors import PipelineError
 from example.figures import save_figure, subplots
-from example.flags import NON_NEGATIVE_INT, POSITIVE_INT, add_data_flags, add_results_flags, figure_file
+from example.flags import NON_NEGATIVE_INT, POSITIVE_INT, add_data_flags, add_figure_flag, add_results_flags
 from example.results import read_pairwise_scores
 from example.run import ArgumentParser, run_cli
 from influence import STRATEGY_LABELS
@@ -36,9 +36,7 @@ def parse_args(argv=None):
         "--queries", type=NON_NEGATIVE_INT, nargs="+", default=[0, 1, 2, 3], help="query indices to show"
     )
     parser.add_argument("--top_k", type=POSITIVE_INT, default=5, help="helpful and harmful images per query")
-    parser.add_argument(
-        "--figure", type=figure_file, default="figure/top_influential.png", help="where to draw the picture"
-    )
+    add_figure_flag(parser, "figure/top_influential.png", "where to draw the picture (default %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -83,6 +83,11 @@ def figure_file(text: str) -> str:
     return str(path)
 
 
+def add_figure_flag(parser: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    """--figure: the picture's file, checked (figure_file) as the command line is read, not after the work."""
+    parser.add_argument("--figure", type=figure_file, default=default, metavar="FILE", help=help)
+
+
 def add_process_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dist_timeout",

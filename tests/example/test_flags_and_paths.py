@@ -83,6 +83,9 @@ def test_paths_in_the_way_are_refused_before_any_work(tmp_path, fake_cifar_dir):
         ("top_influential.py", ["--figure", str(tmp_path)], "is a folder: give a file name"),
         ("top_influential.py", ["--figure", str(tmp_path / "picture.pgn")], "end the name with .png"),
         ("half_precision_analysis.py", ["--figure", str(a_file / "f.png")], "is a file, not a folder"),
+        ("evaluate_lds.py", [*data[:4], "--output_dir", str(a_file)], "is a file, not a folder"),
+        ("evaluate_lds.py", [*data[:4], "--figure", str(tmp_path / "lds")], "end the name with .png"),
+        ("detect_mislabeled_dataset.py", [*data[:4], "--top_figure", str(tmp_path)], "is a folder: give a file name"),
         ("walkthrough.py", ["--scale", "demo", "--out_dir", str(a_file)], "is a file, not a folder"),
     ]
     for script, args, message in cases:
