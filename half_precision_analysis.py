@@ -50,9 +50,16 @@ def draw(full: np.ndarray, half: np.ndarray, correlation: float, query: int, pat
 
 def main() -> None:
     args = parse_args()
-    full, half = (read_pairwise_scores(args.output_dir, args.factor_strategy, h)[0].numpy() for h in (False, True))
-    if full.shape != half.shape:
-        raise PipelineError(f"fp32 scores are {full.shape} but bf16 scores are {half.shape}: rerun with the same sizes")
+    (full, full_info), (half, half_info) = (
+        read_pairwise_scores(args.output_dir, args.factor_strategy, h) for h in (False, True)
+    )
+    differs = [key for key in sorted(full_info.keys() | half_info.keys()) if full_info.get(key) != half_info.get(key)]
+    if differs:
+        raise PipelineError(
+            f"the fp32 and bf16 scores differ in {', '.join(differs)} (their model, images or sizes): rerun analyze.py "
+            "with and without --use_half_precision with the same flags"
+        )
+    full, half = full.numpy(), half.numpy()
     if not 0 <= args.query_index < full.shape[0]:
         raise PipelineError(f"--query_index must be below {full.shape[0]}")
     correlations = spearman(full, half, axis=1)  # per query

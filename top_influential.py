@@ -21,7 +21,7 @@ import torch
 from example.errors import PipelineError
 from example.figures import save_figure, subplots
 from example.flags import NON_NEGATIVE_INT, POSITIVE_INT, add_data_flags, add_figure_flag, add_results_flags
-from example.results import read_pairwise_scores
+from example.results import data_fingerprint, read_pairwise_scores
 from example.run import ArgumentParser, run_cli
 from influence import STRATEGY_LABELS
 from pipeline import CLASSES, get_cifar10
@@ -71,6 +71,12 @@ def main() -> None:
     scores, info = read_pairwise_scores(args.output_dir, args.factor_strategy, args.use_half_precision)
     train = get_cifar10(args.dataset_dir, "eval_train", num_train=info["num_train"], device="cpu")
     queries = get_cifar10(args.dataset_dir, "valid", device="cpu").subset(info["num_queries"])
+    shown = {"data_sha256": (train.images, train.labels), "queries_sha256": (queries.images, queries.labels)}
+    if any(key in info and info[key] != data_fingerprint(*tensors) for key, tensors in shown.items()):
+        raise PipelineError(
+            f"the scores in {args.output_dir} were made from other images or labels than those in "
+            f"{args.dataset_dir}: give the --dataset_dir analyze.py used"
+        )
     bad = [q for q in args.queries if not 0 <= q < scores.shape[0]]
     if bad:
         raise PipelineError(f"query indices {bad} are outside the {scores.shape[0]} scored queries")

@@ -124,10 +124,12 @@ def read_pairwise_scores(output_dir: str | Path, strategy: str, half: bool) -> t
         raise PipelineError(
             f"cannot read the scores in {store.scores(name)} ({e}): make them again: {remake} --overwrite_output_dir"
         ) from None
-    if scores is None or scores.ndim != 2 or not isinstance(info, dict) or "num_train" not in info:
+    sizes = [info.get(key) for key in ("num_queries", "num_train")] if isinstance(info, dict) else None
+    if scores is None or sizes is None or not all(isinstance(size, int) for size in sizes):
         raise PipelineError(
             f"{store.scores(name)} does not hold analyze.py's scores (an [queries, training examples] "
             f"'all_modules' tensor and its {SCORE_ARGUMENTS} with 'info'): make them again: {remake} "
             "--overwrite_output_dir"
         )
+    check_shape(scores, tuple(sizes), store.scores(name), f"make them again: {remake} --overwrite_output_dir")
     return scores, info

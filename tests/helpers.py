@@ -193,6 +193,12 @@ def slowed_at(monkeypatch, batch: int, seconds: float):
     return at_batch(monkeypatch, batch, lambda: time.sleep(seconds))
 
 
+def one_line_error(result) -> str:
+    """stderr, which must be one line saying `error: ...` (the scripts' refusal of bad input, before any work)."""
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
 def last_line(stderr: str, start: str) -> str:
     """The one line of stderr that starts with `start`, which must be the last one (after the progress bars)."""
     lines = [line for line in re.split(r"[\r\n]", stderr) if line.strip()]

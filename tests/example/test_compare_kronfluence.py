@@ -11,15 +11,10 @@ import types
 
 import pytest
 
-from tests.helpers import run
+from tests.helpers import one_line_error, run
 
 SCRIPT = "compare_kronfluence.py"
 HAS_KRONFLUENCE = importlib.util.find_spec("kronfluence") is not None
-
-
-def one_line_error(result) -> str:
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    return result.stderr
 
 
 def test_without_kronfluence_it_says_how_to_install_it(monkeypatch, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from example.hardware import cpu_bf16_units, emulated_bf16_note
-from tests.helpers import REPO_ROOT, run
+from tests.helpers import REPO_ROOT, one_line_error, run
 
 # ---- Flags and paths: one line, exit 2, nothing written ----
 
@@ -43,11 +43,6 @@ BAD_FLAGS = [
     ("evaluate_lds.py", ["--influence_batch_size", "0"], "--influence_batch_size: expected an integer > 0"),
     ("bench.py", ["--device", "tpu"], "invalid choice: 'tpu'"),
 ]
-
-
-def one_line_error(result) -> str:
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    return result.stderr
 
 
 @pytest.mark.parametrize("script, args, message", BAD_FLAGS, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD_FLAGS])
@@ -218,6 +213,9 @@ def test_malformed_score_files_are_one_line_for_the_scripts_that_read_them(tmp_p
     (folder / "score_arguments.json").write_text("{}")  # no info
     result = run("top_influential.py", "--output_dir", str(tmp_path), "--figure", str(tmp_path / "t.png"), expect=2)
     assert "python analyze.py --factor_strategy ekfac --overwrite_output_dir" in one_line_error(result)
+    (folder / "score_arguments.json").write_text('{"info": {"num_train": 8, "num_queries": 3}}')  # another size
+    result = run("top_influential.py", "--output_dir", str(tmp_path), "--figure", str(tmp_path / "t.png"), expect=2)
+    assert "are [2, 8], not [3, 8] for these examples: make them again: python analyze.py" in one_line_error(result)
     (folder / "score_arguments.json").write_text("{")  # truncated
     result = run("top_influential.py", "--output_dir", str(tmp_path), "--figure", str(tmp_path / "t.png"), expect=2)
     assert "cannot read the scores" in one_line_error(result)

@@ -5,7 +5,6 @@ still resumes what the same arguments left when they were stopped."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments,
 from influence.precondition import LayerPreconditioner
 from influence.storage import LOCK_NAME, load_tensors
 from pipeline import construct_resnet9, load_cifar10_arrays
-from tests.helpers import run, write_fake_cifar10
+from tests.helpers import last_line, run, write_fake_cifar10
 from tests.reference import TinyTask, batches, make_model
 
 SMALL = ["--num_train", "16", "--influence_batch_size", "8"]
@@ -41,9 +40,7 @@ def checkpoints(tmp_path_factory):
 
 def one_line_error(result) -> str:
     """The one error line, last on stderr (after any progress bar)."""
-    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip()]
-    assert sum("error" in line for line in lines) == 1 and lines[-1].startswith("error: "), result.stderr
-    return lines[-1]
+    return last_line(result.stderr, "error: ")
 
 
 # ---- 2. Rankings that cannot profit from order ----

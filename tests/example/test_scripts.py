@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from example.checkpoints import load_model
 from influence.storage import load_tensors
 from pipeline import load_cifar10_arrays
-from tests.helpers import NUM_TRAIN, run, run_ranks, torchrun
+from tests.helpers import NUM_TRAIN, one_line_error, run, run_ranks, torchrun
 
 NUM_QUERIES = 6
 
@@ -102,12 +103,24 @@ def test_half_precision_and_pictures(workspace, tmp_path):
     mean = float(result.stdout.split("mean ")[1].split()[0])
     assert 0.5 < mean <= 1.0  # the agreement itself is measured on CIFAR-10 (README) and in test_engine
     assert figure.stat().st_size > 10_000
+    recorded = Path(results) / "cifar10" / "scores_identity_half" / "score_arguments.json"
+    saved = json.loads(recorded.read_text())
+    saved["info"]["checkpoint_sha256"] = "0" * 64  # bf16 scores of another model
+    recorded.write_text(json.dumps(saved))
+    refused = run("half_precision_analysis.py", *args, expect=2)
+    assert "the fp32 and bf16 scores differ in checkpoint_sha256" in one_line_error(refused)
 
     run("analyze.py", *analyze_args(workspace, "ekfac"))
     figure = workspace["figures"] / "top_influential.png"
     args = ["--dataset_dir", workspace["data"], "--output_dir", workspace["results"], "--figure", str(figure)]
     run("top_influential.py", *args, "--queries", "0", "3", "--top_k", "3")
     assert figure.stat().st_size > 10_000
+    recorded = Path(workspace["results"]) / "cifar10" / "scores_ekfac" / "score_arguments.json"
+    saved = json.loads(recorded.read_text())
+    recorded.write_text(json.dumps({**saved, "info": {**saved["info"], "data_sha256": "0" * 64}}))
+    refused = run("top_influential.py", *args, expect=2)  # the pictures would show other images than were scored
+    assert "made from other images or labels than those in" in one_line_error(refused)
+    recorded.write_text(json.dumps(saved))
 
 
 def test_detect_mislabeled(workspace):
