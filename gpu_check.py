@@ -33,7 +33,7 @@ import torch
 from example.errors import PipelineError
 from example.flags import POSITIVE_INT, add_data_flags
 from example.run import ArgumentParser, run_cli
-from influence import load_tensors
+from influence import load_tensors, write_atomically
 from pipeline import load_cifar10_arrays
 
 NUM_TRAIN, NUM_QUERIES, EPOCHS = "10000", "500", "5"
@@ -144,7 +144,7 @@ def main() -> None:
     if gpus > 1:
         lines += ["", compare_processes(gpus)]
     lines += ["", "next: python walkthrough.py --scale gpu"]
-    (log_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_atomically(log_dir / "summary.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
 
 

@@ -181,8 +181,9 @@ def training_precision(args, log_dir: Path) -> bool:
     if args.scale != "full":
         return False
     kept = log_dir / "train_precision.txt"
-    if kept.is_file() and not args.force:
-        return kept.read_text().split()[0] == "bf16"
+    recorded = kept.read_text().split()[:1] if kept.is_file() and not args.force else []
+    if recorded in (["bf16"], ["fp32"]):
+        return recorded == ["bf16"]
     choice, why = args.train_precision, "given by --train_precision"
     if choice == "auto" and cpu_bf16_units() is None:
         choice, why = "fp32", "this CPU has no bf16 units"
@@ -194,8 +195,7 @@ def training_precision(args, log_dir: Path) -> bool:
     line = f"{choice} ({why})"
     print(f"training precision: {line}", file=sys.stderr, flush=True)
     if not args.dry_run:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        kept.write_text(line + "\n")
+        write_atomically(kept, lambda tmp: tmp.write_text(line + "\n"), folder="--out_dir")
     return choice == "bf16"
 
 
@@ -386,7 +386,7 @@ def write_summary(args, done: list[tuple[str, list[str], float, float]], log_dir
         text = (log_dir / f"{name}.log").read_text()
         lines += ["", f"## {name} ({seconds:.0f} s)", "", "```", text.rstrip(), "```"]
     path = log_dir / "summary.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_atomically(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"), folder="--out_dir")
     return path
 
 

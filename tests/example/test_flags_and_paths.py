@@ -287,6 +287,8 @@ def test_the_full_scale_keeps_the_training_precision_it_began_with(tmp_path, mon
     in_fp32 = plan("--train_precision", "fp32", "--force")
     assert not any("--use_half_precision" in in_fp32[name] for name in ("train_corrupt", "detect_kfac"))
     assert (tmp_path / "logs" / "train_precision.txt").read_text().startswith("fp32")
+    (tmp_path / "logs" / "train_precision.txt").write_text("")  # emptied: decided again, as if absent
+    assert "--use_half_precision" in plan("--train_precision", "bf16")["train_corrupt"]
 
 
 def test_a_step_resumed_in_a_later_run_keeps_its_earlier_time_and_output(tmp_path):
