@@ -244,11 +244,14 @@ def backward_batch(
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise InfluenceError(f"{what} must return a scalar tensor (summed over the batch), got {shape}")
+    if not loss.requires_grad:  # no tracked module ran with gradients on, or the loss does not use their outputs
+        raise InfluenceError(
+            f"{what} does not depend on the tracked modules' outputs: does it call the model on the batch, "
+            "outside torch.no_grad()?"
+        )
     if not capture.ran:
         raise InfluenceError(f"{what} ran no tracked module: does it call the model on the batch?")
     capture.keep = examples if limit is None else min(limit, examples)
-    if not loss.requires_grad:
-        raise InfluenceError(f"{what} does not depend on the tracked modules' outputs")
     with stages.stage(stages.MODEL):  # the hooks' patches and kernels inside it are timed as their own stages
         loss.backward()
     return capture.keep

@@ -225,6 +225,37 @@ def test_non_scalar_measurement(setup):
         analyzer.compute_pairwise_scores("s", "identity", data, data)
 
 
+class NoGradTask(TinyTask):
+    def compute_train_loss(self, batch, model, sample=False):
+        with torch.no_grad():
+            return super().compute_train_loss(batch, model, sample)
+
+
+class WithoutModelTask(TinyTask):
+    def compute_train_loss(self, batch, model, sample=False):
+        return batch[0].sum()
+
+
+class BesideModelTask(TinyTask):  # a loss that needs gradients, from a tensor of its own, not from the model
+    def compute_train_loss(self, batch, model, sample=False):
+        return (batch[0] * torch.ones_like(batch[0], requires_grad=True)).sum()
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        (NoGradTask(), "compute_train_loss does not depend on the tracked modules' outputs: does it call the model"),
+        (WithoutModelTask(), "compute_train_loss does not depend on the tracked modules' outputs"),
+        (BesideModelTask(), "compute_train_loss ran no tracked module: does it call the model on the batch"),
+    ],
+)
+def test_a_loss_without_the_models_gradients_is_refused(tmp_path, task, message):
+    model, x, y = make_model("cnn")
+    analyzer = Analyzer("t", model, task, output_dir=tmp_path, disable_tqdm=True)
+    with pytest.raises(InfluenceError, match=message):
+        analyzer.fit_all_factors("f", batches(x, y, 8), FactorArguments(strategy="diagonal"))
+
+
 def test_weight_sharing_is_refused(tmp_path):
     layer = nn.Linear(3, 3)
     model = nn.Sequential(layer, nn.Tanh(), layer).double()
