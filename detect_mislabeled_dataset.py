@@ -47,6 +47,7 @@ from example.flags import (
     add_figure_flag,
     add_influence_flags,
     add_label_flags,
+    corrupt_fraction,
     figure_file,
 )
 from example.ranking import average_ranks
@@ -219,9 +220,8 @@ def draw_top(images: torch.Tensor, given: list[int], official: list[int], path: 
 
 def main() -> None:
     args = parse_args()
+    corrupt, noisy = corrupt_fraction(args), args.noisy_labels is not None
     device = start_influence_run(args)
-    noisy = args.noisy_labels is not None
-    corrupt = None if noisy else args.corrupt_percentage
     checkpoint = checkpoint_path(args.checkpoint_dir, corrupt, args.noisy_labels_key if noisy else None)
     model = load_model(checkpoint, device, train_command(args, corrupt))
     train = get_cifar10(
@@ -293,7 +293,7 @@ def main() -> None:
 
     default = f"figure/mislabel_noisy_{args.noisy_labels_key}.png" if noisy else "figure/mislabel.png"
     figure = Path(args.figure or default)
-    given = f"CIFAR-10N {args.noisy_labels_key}" if noisy else f"{args.corrupt_percentage:.0%} of labels corrupted"
+    given = f"CIFAR-10N {args.noisy_labels_key}" if noisy else f"{corrupt:.0%} of labels corrupted"
     title = f"ResNet-9 on {len(train):,} CIFAR-10 training images, {given}: wrong labels found by each ranking"
     draw_curves(curves, aucs, figure, title)
     top_figure = Path(args.top_figure or figure.with_name(f"{figure.stem}_top{figure.suffix}"))

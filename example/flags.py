@@ -15,6 +15,7 @@ import torch
 
 from example.hardware import bf16_hardware_note
 from influence import DEFAULT_DAMPING, DEFAULT_SAVE_INTERVAL, DEFAULT_STRATEGY, STRATEGIES, FactorArguments
+from pipeline import check_label_options
 
 # ---- Flag types: a bad value is refused while the flags are read, in one line, before any work starts ----
 
@@ -144,14 +145,19 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_label_flags(parser: argparse.ArgumentParser, corrupt_percentage: float | None = None) -> None:
-    """The training labels a checkpoint was trained on, which also pick its file in --checkpoint_dir."""
+    """The training labels a checkpoint was trained on, which also pick its file in --checkpoint_dir.
+
+    --corrupt_percentage is None unless given, so that giving it with --noisy_labels can be refused (see
+    corrupt_fraction); `corrupt_percentage` is the fraction used when neither is given."""
     parser.add_argument(
         "--corrupt_percentage",
         type=fraction,
-        default=corrupt_percentage,
+        default=None,
         help="fraction p of training labels corrupted: train.py gives the first ceil(p*N) examples a wrong label "
-        f"and saves model_corrupt_{{p}}.safetensors (default {corrupt_percentage})",
+        f"and saves model_corrupt_{{p}}.safetensors (default {corrupt_percentage}"
+        + (" without --noisy_labels)" if corrupt_percentage is not None else ")"),
     )
+    parser.set_defaults(default_corrupt_percentage=corrupt_percentage)
     parser.add_argument(
         "--noisy_labels",
         default=None,
@@ -161,6 +167,15 @@ def add_label_flags(parser: argparse.ArgumentParser, corrupt_percentage: float |
     parser.add_argument(
         "--noisy_labels_key", default="aggre_label", help="array to use in --noisy_labels (default: aggre_label)"
     )
+
+
+def corrupt_fraction(args: argparse.Namespace) -> float | None:
+    """The fraction of corrupted labels the flags of add_label_flags ask for (None: clean or human labels);
+    --corrupt_percentage with --noisy_labels is refused."""
+    check_label_options(args.corrupt_percentage, args.noisy_labels)
+    if args.noisy_labels is not None or args.corrupt_percentage is not None:
+        return args.corrupt_percentage
+    return args.default_corrupt_percentage
 
 
 def add_results_flags(parser: argparse.ArgumentParser) -> None:

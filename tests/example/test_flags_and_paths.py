@@ -21,6 +21,7 @@ from tests.helpers import REPO_ROOT, one_line_error, run
 # ---- Flags and paths: one line, exit 2, nothing written ----
 
 BAD_FLAGS = [
+    ("detect_mislabeled_dataset.py", ["--noisy_labels", "x.npz", "--corrupt_percentage", "0.2"], "cannot be combined"),
     ("analyze.py", ["--damping_factor", "inf"], "damping must be a finite number"),
     ("analyze.py", ["--save_interval", "nan"], "--save_interval: expected a finite number >= 0"),
     ("analyze.py", ["--save_interval", "-1"], "--save_interval: expected a finite number >= 0"),
