@@ -45,9 +45,4 @@ def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     """The model on `device` in eval mode, channels-last (NHWC convolutions run faster on tensor cores and, in
     oneDNN, on the CPU: 10 to 15% less time in the passes' forward and backward on a 2-core EPYC; the influence
     engine reads any layout), as the scripts and the benchmark run it."""
-    device = torch.device(device)
-    return model.to(device, memory_format=memory_format(device)).eval()
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    return torch.channels_last
+    return model.to(torch.device(device), memory_format=torch.channels_last).eval()

@@ -138,9 +138,7 @@ class Analyzer:
         self.profiler = Profiler(profile, self.device)
         self.group = Group(self.device)
         self.store = Store(self.folder, self.group, self._log)
-        self.disable_tqdm = disable_tqdm or not self.group.is_main
-        self.save_interval = save_interval
-        self.loop = Loop(self.group, self.store, self.profiler, save_interval, self.disable_tqdm)
+        self.loop = Loop(self.group, self.store, self.profiler, save_interval, disable_tqdm or not self.group.is_main)
         if max_elements == "auto":
             max_elements = CPU_MAX_ELEMENTS if self.device.type == "cpu" else None
         self.max_elements = max_elements

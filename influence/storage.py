@@ -186,12 +186,6 @@ def first_difference(saved: Any, wanted: Any, prefix: str = "") -> tuple[str, An
     return None if saved == wanted else (prefix.rstrip("."), saved, wanted)
 
 
-def check_arguments(folder: Path, filename: str, arguments: dict[str, Any], what: str) -> None:
-    """Record `arguments` in folder/filename, or refuse if the folder holds results made with others, or results
-    that no arguments file describes (their arguments, and so their shapes, cannot be checked)."""
-    prepare_folder(folder, filename, arguments, what, overwrite=False, results=[])
-
-
 def result_files(folder: Path, filename: str) -> list[Path]:
     """The files of `folder` besides its arguments file `filename` (hidden ones, the lock and temporary files,
     excluded)."""
