@@ -79,6 +79,7 @@ from influence import (
     save_tensors,
     seeded_rngs,
 )
+from influence.errors import first_line
 from pipeline import CifarData, TensorBatches, construct_resnet9, get_cifar10, normalize
 
 KRONFLUENCE_VERSION = "1.0.1"
@@ -256,8 +257,7 @@ def kronfluence_version() -> str:
             "(python -m venv --system-site-packages ENV), and run this script with its python"
         ) from None
     except Exception as e:  # installed, but broken: a dependency that does not fit this torch, say
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise PipelineError(f"kronfluence could not be imported ({type(e).__name__}: {first}): {INSTALL}") from None
+        raise PipelineError(f"kronfluence could not be imported ({first_line(e, typed=True)}): {INSTALL}") from None
     version = getattr(kronfluence, "__version__", "unknown")
     if version != KRONFLUENCE_VERSION:
         print(f"note: written for kronfluence {KRONFLUENCE_VERSION}, found {version}", file=sys.stderr)

@@ -23,6 +23,7 @@ from torch import nn
 from example.devices import get_device
 from example.errors import PipelineError
 from example.label_files import ArraysOnlyUnpickler, LabelFileError, RefusedPickle, read_label_arrays
+from influence.errors import first_line
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)
@@ -105,8 +106,7 @@ def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except RefusedPickle as e:
         raise PipelineError(f"cannot read CIFAR-10 batch {path}: {e}") from None
     except Exception as e:  # truncated file, not a pickle
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise PipelineError(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {first})") from e
+        raise PipelineError(f"cannot read CIFAR-10 batch {path} ({first_line(e, typed=True)})") from e
     if not isinstance(entry, dict):
         raise PipelineError(f"CIFAR-10 batch {path} holds a {type(entry).__name__}, not a dict of data and labels")
     # The official (Python 2) pickles have bytes keys; copies written by Python 3 have str keys.
@@ -118,7 +118,7 @@ def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         data, labels = np.asarray(entry["data"]), np.asarray(entry["labels"])
     except (ValueError, TypeError) as e:  # ragged lists
-        raise PipelineError(f"unexpected CIFAR-10 batch layout in {path}: {str(e).splitlines()[0]}") from None
+        raise PipelineError(f"unexpected CIFAR-10 batch layout in {path}: {first_line(e)}") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not np.issubdtype(data.dtype, np.integer):
         raise PipelineError(
             f"unexpected CIFAR-10 batch layout in {path}: data is {data.dtype} {data.shape}, not uint8 images "

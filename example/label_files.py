@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from influence.errors import first_line
+
 
 class LabelFileError(ValueError):
     """The file cannot be read as a label file; the message says why in one line."""
@@ -95,9 +97,8 @@ def read_label_arrays(path: str | Path) -> dict[str, np.ndarray]:
     except (LabelFileError, RefusedPickle) as e:
         raise LabelFileError(f"cannot read {path}: {e}") from None
     except Exception as e:  # truncated archive, not a numpy file, malformed pickle
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise LabelFileError(
-            f"cannot read {path} as .npz or as the CIFAR-10N .pt release ({type(e).__name__}: {first})"
+            f"cannot read {path} as .npz or as the CIFAR-10N .pt release ({first_line(e, typed=True)})"
         ) from None
     if not isinstance(content, dict) or not all(isinstance(v, np.ndarray) for v in content.values()):
         raise LabelFileError(f"cannot read {path}: expected a dict of numpy arrays, found {type(content).__name__}")

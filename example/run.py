@@ -31,6 +31,7 @@ from influence import (
     remember_store,
     this_rank,
 )
+from influence.errors import first_line
 
 # ---- Errors and arguments ----
 
@@ -141,8 +142,9 @@ def start_processes(timeout: float, device: torch.device | str | None = None) ->
             backend, store=dist.PrefixStore("influence_pg", store), rank=rank, world_size=world, timeout=wait
         )
     except (RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PipelineError(f"rank {rank} could not join the other processes at {host}:{port}: {first}") from None
+        raise PipelineError(
+            f"rank {rank} could not join the other processes at {host}:{port}: {first_line(e)}"
+        ) from None
     remember_store(dist.PrefixStore("influence", store), wait)
     return device
 

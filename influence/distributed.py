@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from influence.errors import InfluenceError
+from influence.errors import InfluenceError, first_line
 
 T = TypeVar("T")
 FAILURE_KEY = "influence/failed"
@@ -152,10 +152,9 @@ class Group:
             note = _failure_note()
             if note:
                 raise InfluenceError(f"stopping because {note}") from None
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise InfluenceError(
                 f"rank {self.rank} lost contact with the other processes during {what} "
-                f"(another rank stopped or timed out; see its output): {first}"
+                f"(another rank stopped or timed out; see its output): {first_line(error)}"
             ) from None
 
     def sync_round(self, main_wants_save: bool, stop: int | None = None) -> tuple[bool, int | None]:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from influence.errors import InfluenceError
+from influence.errors import InfluenceError, first_line
 
 # ---- Writing: every file of the project goes through write_atomically ----
 
@@ -126,8 +126,7 @@ FIX_HINT = "delete it, or rerun with overwrite_output_dir=True to recompute"
 
 
 def _unreadable(path: Path, error: Exception, fix: str = FIX_HINT) -> InfluenceError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return InfluenceError(f"cannot read {path} ({reason}; truncated or not written by this engine?): {fix}")
+    return InfluenceError(f"cannot read {path} ({first_line(error)}; truncated or not written by this engine?): {fix}")
 
 
 def load_tensors(path: Path, device: torch.device | str = "cpu", fix: str = FIX_HINT) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from torch import nn
 import influence.analyzer
 import influence.storage
 from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments
+from influence.errors import first_line
 from influence.storage import load_metadata
 from tests.reference import TinyTask, batches, make_model
 
@@ -353,3 +354,14 @@ def test_profile_table_has_the_original_rows(setup):
     ):
         assert f"|  {action} " in table
     assert table.splitlines()[1].startswith("|  Action                       |  Mean duration (s)    |")
+
+
+@pytest.mark.parametrize(
+    "error, plain, typed",
+    [
+        (ValueError("  first\nsecond"), "first", "ValueError: first"),
+        (OSError(), "OSError", "OSError"),  # a message of its own says nothing: the type does
+    ],
+)
+def test_an_unexpected_error_is_told_in_one_line(error, plain, typed):
+    assert (first_line(error), first_line(error, typed=True)) == (plain, typed)
