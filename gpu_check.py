@@ -99,10 +99,17 @@ def run_step(name: str, command: list[str], log_dir: Path, timeout: float) -> fl
     print(f"== {name}: {' '.join(command)}", flush=True)
     start = time.monotonic()
     with open(log, "w") as out, open(err, "w") as progress:
+        # A session of its own, so that a step past its time (or the check stopped by Ctrl-C) is stopped with
+        # torchrun's workers, which would otherwise keep their GPUs.
+        process = subprocess.Popen(command, stdout=out, stderr=progress, start_new_session=True)
         try:
-            code = subprocess.run(command, stdout=out, stderr=progress, timeout=timeout).returncode
+            code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = None
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     seconds = time.monotonic() - start
     print(log.read_text(), end="", flush=True)
     if code != 0:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -341,3 +343,26 @@ def test_the_gpu_check_plan():
     assert names[-4:] == ["train_4gpus", "analyze_fp32_4gpus", "detect_4gpus", "bench_fp32_4gpus"]
     assert all("--nproc_per_node=4" in command for name, command in several if name.endswith("4gpus"))
     assert all(not part.startswith("..") for _, command in several for part in command)  # inside the repository
+
+
+def test_a_gpu_check_step_past_its_time_is_stopped_with_its_workers(tmp_path):
+    import gpu_check
+
+    worker = tmp_path / "worker.pid"  # a step that starts a worker of its own, as torchrun does, and outlives 1 s
+    script = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(worker)!r}, 'w').write(str(p.pid)); time.sleep(60)"
+    )
+    with pytest.raises(PipelineError, match="step slow ran past 1 s"):
+        gpu_check.run_step("slow", [sys.executable, "-c", script], tmp_path, timeout=1)
+    stat = Path(f"/proc/{worker.read_text()}/stat")
+    for _ in range(50):  # killed: gone, or a zombie where nothing reaps the orphans (a container without init)
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the step's worker ({stat.parent.name}) outlived it")
