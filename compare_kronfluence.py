@@ -154,7 +154,10 @@ def run_project(args: argparse.Namespace, device: torch.device, work_dir: Path) 
     analyzer.fit_all_factors("factors", batches, factor_args)
     if args.job == "pairwise":
         query_batches = TensorBatches(queries, args.query_batch_size or len(queries))
-        return analyzer.compute_pairwise_scores("scores", "factors", query_batches, batches, score_args)["all_modules"]
+        scores = analyzer.compute_pairwise_scores(
+            "scores", "factors", query_batches, batches, score_args, query_slice_size=batches.batch_size
+        )
+        return scores["all_modules"]
     return analyzer.compute_self_scores("scores", "factors", batches, score_args)["all_modules"]
 
 

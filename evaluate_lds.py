@@ -80,6 +80,7 @@ from influence import (
     ScoreArguments,
     balanced_owners,
     first_difference,
+    partial_path,
     read_safetensors,
     save_tensors,
     write_atomically,
@@ -187,12 +188,11 @@ def masks_for(out: Path, settings: dict, seed: int) -> torch.Tensor:
 
 
 def unit_path(out: Path, unit: tuple[int, int] | None) -> Path:
-    """model_full.safetensors for the model on all N; units/margins_{j}_{k}.safetensors for subset j, seed k."""
-    return out / "model_full.safetensors" if unit is None else out / "units" / f"margins_{unit[0]:04d}_{unit[1]:02d}"
-
-
-def margins_file(out: Path, unit: tuple[int, int]) -> Path:
-    return unit_path(out, unit).with_suffix(".safetensors")
+    """A unit's finished file: model_full.safetensors for the model on all N (unit None), the query margins
+    units/margins_{j}_{k}.safetensors for subset j, seed k; its training state is beside it (partial_path)."""
+    if unit is None:
+        return out / "model_full.safetensors"
+    return out / "units" / f"margins_{unit[0]:04d}_{unit[1]:02d}.safetensors"
 
 
 @torch.no_grad()
@@ -206,13 +206,13 @@ def query_margins(model: torch.nn.Module, queries: CifarData, batch_size: int) -
 def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarData, device) -> float:
     """Train one model, save its margins (or, for the full model, its weights); the seconds it took."""
     if unit is None:
-        data, seed, state = train, args.seed, out / "model_full.partial.safetensors"
+        data, seed = train, args.seed
     else:
         j, k = unit
         index = masks[j].nonzero().flatten().to(train.labels.device)
         data = CifarData(train.images[index], train.labels[index], train.clean_labels[index], "train")
         seed = args.seed + 1 + j * args.seeds_per_subset + k
-        state = unit_path(out, unit).with_suffix(".partial.safetensors")
+    state = partial_path(unit_path(out, unit))
     state.parent.mkdir(parents=True, exist_ok=True)
     model, seconds = train_model(args, data, device, state, seed=seed, verbose=False)
     if unit is None:
@@ -221,7 +221,7 @@ def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarDat
         margins = query_margins(model, queries, args.eval_batch_size)
         accuracy = evaluate_model(model, TensorBatches(queries, args.eval_batch_size))[1]
         save_tensors(
-            margins_file(out, unit), {"margins": margins}, {"seed": seed, "seconds": seconds, "accuracy": accuracy}
+            unit_path(out, unit), {"margins": margins}, {"seed": seed, "seconds": seconds, "accuracy": accuracy}
         )
     state.unlink(missing_ok=True)
     return seconds
@@ -230,7 +230,7 @@ def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarDat
 def retrain(args, out: Path, train: CifarData, masks, queries: CifarData, device, group: Group) -> None:
     world, rank = group.world, group.rank
     units = [None] + [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
-    done = [unit_path(out, None).exists()] + [margins_file(out, u).exists() for u in units[1:]]
+    done = [unit_path(out, unit).exists() for unit in units]
     done = group.share(done)  # rank 0's view of the finished units, so that every rank splits the same list
     remaining = [u for u, finished in zip(units, done, strict=True) if not finished]
     if is_main():
@@ -294,7 +294,7 @@ def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, d
 # ---- The score ----
 
 
-def evaluate(args, masks: torch.Tensor, margins: torch.Tensor, scores: dict) -> list[dict]:
+def lds_rows(args, masks: torch.Tensor, margins: torch.Tensor, scores: dict) -> list[dict]:
     """One row per (strategy, damping) and per reference. With identity among the strategies, each strategy's
     row also holds its paired difference from identity at the same damping (`vs_identity`)."""
     per_query = {
@@ -423,7 +423,7 @@ def main() -> None:
     began = time.monotonic()
     retrain(args, out, train, masks, queries, device, group)
     units = [(j, k) for j in range(args.num_subsets) for k in range(args.seeds_per_subset)]
-    loaded = [load(margins_file(out, unit), "margins") for unit in units]
+    loaded = [load(unit_path(out, unit), "margins") for unit in units]
     margins = torch.stack([unit_margins for unit_margins, _ in loaded])
     margins = margins.view(args.num_subsets, args.seeds_per_subset, len(queries))
     facts = [fact for _, fact in loaded]
@@ -443,7 +443,7 @@ def main() -> None:
     full_model = load_model(unit_path(out, None), device)
     full = evaluate_model(full_model, TensorBatches(queries, args.eval_batch_size))[1]
     print(f"full model: accuracy {full:.3f} on the queries")
-    rows = evaluate(args, masks, margins, scores)
+    rows = lds_rows(args, masks, margins, scores)
     text = table(rows)
     print(text)
     summary = {
