@@ -43,7 +43,8 @@ def write_atomically(
 ) -> None:
     """Write through `write(tmp_path)` to a temporary name beside `path`, then rename it over `path`.
 
-    The file under `path` is therefore whole or absent (an older version stays as it was). Lack of space or of
+    The file under `path` is therefore whole or absent (an older version stays as it was) wherever the process is
+    killed; it is not synced to disk, so what a power loss leaves is up to the file system. Lack of space or of
     permission becomes one InfluenceError naming the file, its `size` in bytes where known, and the setting
     `folder` that moves it elsewhere (output_dir, the Analyzer's); other errors pass through as they are.
     """
