@@ -20,8 +20,8 @@ def get_device(requested: torch.device | str | None = None) -> torch.device:
         raise PipelineError("a GPU was asked for but torch sees none: use --device cpu, or a torch build with CUDA")
     if "LOCAL_RANK" not in os.environ:
         return torch.device(requested if requested is not None else "cuda")
-    local_rank = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(local_rank + 1)))
+    local_rank = environment_int("LOCAL_RANK", 0)
+    local_world = environment_int("LOCAL_WORLD_SIZE", local_rank + 1)
     device = torch.device("cuda", local_gpu(local_rank, local_world, torch.cuda.device_count()))
     torch.cuda.set_device(device)
     return device
@@ -46,3 +46,14 @@ def place_model(model: nn.Module, device: torch.device | str) -> nn.Module:
     oneDNN, on the CPU: 10 to 15% less time in the passes' forward and backward on a 2-core EPYC; the influence
     engine reads any layout), as the scripts and the benchmark run it."""
     return model.to(torch.device(device), memory_format=torch.channels_last).eval()
+
+
+def environment_int(name: str, default: int) -> int:
+    """An integer from the environment (torchrun's WORLD_SIZE, RANK...), or a one-line error naming it."""
+    text = os.environ.get(name, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise PipelineError(
+            f"{name}={text!r} is not an integer: unset it, or start the processes with torchrun"
+        ) from None

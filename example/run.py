@@ -18,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from example.devices import get_device
+from example.devices import environment_int, get_device
 from example.errors import PipelineError
 from example.flags import influence_batch_size
 from example.hardware import emulated_bf16_note, keep_freed_memory
@@ -147,17 +147,6 @@ def start_processes(timeout: float, device: torch.device | str | None = None) ->
         ) from None
     remember_store(dist.PrefixStore("influence", store), wait)
     return device
-
-
-def environment_int(name: str, default: int) -> int:
-    """An integer from the environment (torchrun's WORLD_SIZE, RANK...), or a one-line error naming it."""
-    text = os.environ.get(name, str(default))
-    try:
-        return int(text)
-    except ValueError:
-        raise PipelineError(
-            f"{name}={text!r} is not an integer: unset it, or start the processes with torchrun"
-        ) from None
 
 
 def end_processes(success: bool) -> bool:
