@@ -157,7 +157,7 @@ def parse_args(argv=None):
         default=[],
         metavar="STEP",
         help="steps not to run, by the names --dry_run prints (e.g. --skip lds: at gpu scale the LDS retrains 200 "
-        "models, hours on one GPU)",
+        "models, about half an hour of training on one GPU by an estimate, plus each model's start and evaluation)",
     )
     parser.add_argument("--dry_run", action="store_true", help="print the steps without running them")
     args = parser.parse_args(argv)
