@@ -319,22 +319,34 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+def random_crop_flip(
+    images: torch.Tensor,
+    generator: torch.Generator,
+    padding: int = 4,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Random 32x32 crop of the zero-padded images and a random horizontal flip, for the whole batch at once.
 
     Offsets and flips are drawn by `generator`, which must be on the images' device: drawn on the host they
     would be copied to the GPU every batch, and each copy makes the host wait for the GPU. (So a GPU run draws
     other crops than a CPU run of the same seed; each is reproducible.) One gather does both the crop and the
-    flip, by reading the columns of a flipped image in reverse order.
+    flip, by reading the columns of a flipped image in reverse order. With shard=(rank, world), `images` are
+    slice [rank::world] of a batch of `batch_size`: the draws are made for the whole batch and sliced alike, so
+    that each image is cropped as one process would crop it (and the ranks' slices are not cropped alike).
     """
     if generator.device.type != images.device.type:
         raise PipelineError(f"the augmentation generator is on {generator.device}, the images on {images.device}")
     b, _, h, w = images.shape
     device = images.device
+    rank, world = shard
+    drawn = b if batch_size is None else batch_size
     padded = F.pad(images, (padding, padding, padding, padding))  # zeros = black, as with padding PIL images
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=device)
-    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    dy = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator, device=device)[rank::world]
+    dx = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator, device=device)[rank::world]
+    flip = (torch.rand(drawn, generator=generator, device=device) < 0.5)[rank::world]
+    if len(dy) != b:
+        raise PipelineError(f"slice {rank} of {world} of a batch of {drawn} has {len(dy)} images, not {b}")
     ar_h = torch.arange(h, device=device)
     ar_w = torch.arange(w, device=device)
     rows = dy[:, None] + ar_h  # [B, H]
@@ -396,5 +408,5 @@ class TensorBatches:
                 idx = order[lo:hi][rank::world]
                 x, y = self.images[idx], self.labels[idx]
             if self.augment:
-                x = random_crop_flip(x, gen)
+                x = random_crop_flip(x, gen, shard=self.shard, batch_size=hi - lo)
             yield normalize(x), y

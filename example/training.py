@@ -8,7 +8,12 @@ so both run the same code:
 
 The recipe is the original example's: SGD (momentum 0 by default), the learning rate rising linearly per step to
 its peak at 20% of training and falling linearly to 0, weight decay, random crops and flips, batches reshuffled
-every epoch from --seed + epoch, initial weights from --seed. The training state (example/train_state.py) is saved every
+every epoch from --seed + epoch, initial weights from --seed. Two details differ from kronfluence's train.py: it
+drops each epoch's last, smaller batch (97 steps per epoch at 50,000 images and batches of 512, here 98), and it
+peaks after epochs // 5 whole epochs (the same as 20% when the epochs divide by 5, as the original's 25 do). Under
+torchrun each step's batch is split across the processes as one process draws it (order, crops and flips), and
+the gradients are those of the whole batch's mean loss; BatchNorm normalises each process's slice by its own
+statistics (DistributedDataParallel without SyncBatchNorm), so G processes train a slightly different model. The training state (example/train_state.py) is saved every
 --save_interval seconds, at a stop, and when the last epoch ends; a run with the same recipe resumes from it to the
 weights an uninterrupted run makes (bit for bit on the CPU). When to save and stop, and how a saved state is read
 back (discarded when unusable, refused when another recipe made it), are the engine's, as for its passes
@@ -220,15 +225,24 @@ def train_model(
                     continue
                 x = x.contiguous(memory_format=memory_format)
                 with products.bf16_autocast(device.type) if args.use_half_precision else nullcontext():
-                    loss = F.cross_entropy(trained(x), y)
+                    if world == 1:
+                        loss = F.cross_entropy(trained(x), y)
+                        summed = loss.detach() * len(y)
+                    else:
+                        # The mean over the step's whole batch: DDP averages the ranks' gradients, so each rank's
+                        # sum is scaled by world / batch (the slices of a batch that world does not divide differ
+                        # in size, and the mean of their means would weigh their examples unequally).
+                        whole = min(args.train_batch_size, len(data) - step * args.train_batch_size)
+                        summed = F.cross_entropy(trained(x), y, reduction="sum")
+                        loss = summed * (world / whole)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                epoch_loss += loss.detach().float() * len(y)
+                epoch_loss += summed.detach().float()
                 epoch_count += len(y)
                 seen += len(y)
-                if step % 20 == 0 and verbose:
-                    progress.set_postfix(loss=f"{loss.item():.3f}")
+                if step % 20 == 0 and verbose and group.is_main:
+                    progress.set_postfix(loss=f"{summed.item() / len(y):.3f}")
                 state.at(epoch, step + 1, epoch_loss, epoch_count)
                 saver.meet()
             totals = torch.stack([epoch_loss, torch.tensor(float(epoch_count), device=device)])

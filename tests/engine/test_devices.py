@@ -142,7 +142,7 @@ def test_augmentation_is_drawn_on_the_datas_device_and_constants_are_made_once(m
     assert generator.device == batches.images.device
     assert torch.equal(generator.get_state(), torch.Generator().manual_seed(8).get_state())  # seeded seed + epoch
     seen, real = [], pipeline.random_crop_flip
-    spy = lambda x, gen: seen.append(gen.device == x.device) or real(x, gen)  # noqa: E731
+    spy = lambda x, gen, **kw: seen.append(gen.device == x.device) or real(x, gen, **kw)  # noqa: E731
     monkeypatch.setattr(pipeline, "random_crop_flip", spy)
     with RecordOps() as ops:
         list(batches)

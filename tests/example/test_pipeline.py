@@ -183,6 +183,21 @@ def test_tensor_batches_cover_each_example_once():
     assert sum(len(y) for _, y in TensorBatches(data, batch_size=7, drop_last=True)) == 49
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_ranks_slices_are_slices_of_the_one_process_batches(world):
+    # Order and augmentation alike: each image is cropped and flipped as one process would, so a run on several
+    # processes sees the data one process sees (and the ranks' slices are not cropped alike).
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (23, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    data = CifarData(images, torch.arange(23), torch.arange(23), "train")
+    one = list(TensorBatches(data, batch_size=8, shuffle=True, augment=True, seed=4))
+    ranks = [list(TensorBatches(data, 8, shuffle=True, augment=True, seed=4, shard=(r, world))) for r in range(world)]
+    for step, (x, y) in enumerate(one):
+        for rank in range(world):
+            sliced_x, sliced_y = ranks[rank][step]
+            assert torch.equal(sliced_x, x[rank::world]) and torch.equal(sliced_y, y[rank::world])
+
+
 def test_tensor_batches_plain_are_repeatable_and_normalised():
     data = _index_data(10)
     batches = TensorBatches(data, batch_size=4)
