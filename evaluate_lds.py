@@ -112,7 +112,7 @@ def parse_args(argv=None):
     add_recipe_flags(
         parser,
         seeds="the full model's initial weights, batch order and augmentation, the subsets, retraining (j, k)'s "
-        "seed (seed + 1 + j * K + k) and the random scores",
+        "seed (drawn from seed, j and k) and the random scores",
         saves="a model's training state and an influence pass's partial results, from which a stopped run resumes",
     )
     scores = parser.add_argument_group("scores")
@@ -157,6 +157,7 @@ def settings_of(args: argparse.Namespace, train: CifarData, queries: CifarData) 
         "num_subsets": args.num_subsets,
         "seeds_per_subset": args.seeds_per_subset,
         "recipe": recipe_of(args),
+        "unit_seeds": "SeedSequence([seed, j, k])",  # how unit_seed derives them
     }
 
 
@@ -203,6 +204,14 @@ def query_margins(model: torch.nn.Module, queries: CifarData, batch_size: int) -
     return torch.cat([label_margins(model(x).float(), y) for x, y in TensorBatches(queries, batch_size)]).cpu()
 
 
+def unit_seed(seed: int, j: int, k: int) -> int:
+    """Retraining (j, k)'s seed, drawn from (seed, j, k). Not seed + 1 + j * K + k: a run seeds each epoch's order
+    and augmentation with its seed + epoch (pipeline.TensorBatches), so consecutive seeds would share all epochs
+    but one, a seed's epoch e being the next seed's epoch e - 1, and the seeds' agreement would be overstated."""
+    state = np.random.SeedSequence([seed, j, k]).generate_state(1, dtype=np.uint64)[0]
+    return int(state % 2**62)  # seed + epoch stays below 2**63, the bound the seed flags keep to
+
+
 def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarData, device) -> float:
     """Train one model, save its margins (or, for the full model, its weights); the seconds it took."""
     if unit is None:
@@ -211,7 +220,7 @@ def train_unit(args, out: Path, unit, train: CifarData, masks, queries: CifarDat
         j, k = unit
         index = masks[j].nonzero().flatten().to(train.labels.device)
         data = CifarData(train.images[index], train.labels[index], train.clean_labels[index], "train")
-        seed = args.seed + 1 + j * args.seeds_per_subset + k
+        seed = unit_seed(args.seed, j, k)
     state = partial_path(unit_path(out, unit))
     state.parent.mkdir(parents=True, exist_ok=True)
     model, seconds = train_model(args, data, device, state, seed=seed, verbose=False)

@@ -13,9 +13,10 @@ drops each epoch's last, smaller batch (97 steps per epoch at 50,000 images and 
 peaks after epochs // 5 whole epochs (the same as 20% when the epochs divide by 5, as the original's 25 do). Under
 torchrun each step's batch is split across the processes as one process draws it (order, crops and flips), and
 the gradients are those of the whole batch's mean loss; BatchNorm normalises each process's slice by its own
-statistics (DistributedDataParallel without SyncBatchNorm), so G processes train a slightly different model. The training state (example/train_state.py) is saved every
---save_interval seconds, at a stop, and when the last epoch ends; a run with the same recipe resumes from it to the
-weights an uninterrupted run makes (bit for bit on the CPU). When to save and stop, and how a saved state is read
+statistics (DistributedDataParallel without SyncBatchNorm), so G processes train a slightly different model.
+The training state (example/train_state.py) is saved every --save_interval seconds, at a stop, and when the last
+epoch ends; a run with the same recipe resumes from it to the weights an uninterrupted run makes (bit for bit on
+the CPU). When to save and stop, and how a saved state is read
 back (discarded when unusable, refused when another recipe made it), are the engine's, as for its passes
 (influence.Saver, influence.Store.resume).
 """

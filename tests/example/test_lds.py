@@ -111,6 +111,17 @@ def test_the_margins_are_the_measurement_analyze_scores(fake_cifar_dir):
             assert margins[i].item() == pytest.approx(-measurement.item(), abs=1e-5)
 
 
+def test_no_two_retrainings_share_an_epochs_order_and_augmentation():
+    from evaluate_lds import unit_seed
+
+    # A run seeds epoch e's generator with its seed + e: the units' [seed, seed + epochs) must not meet, nor the
+    # full model's (seed 1004).
+    epochs = 1000
+    starts = sorted([1004] + [unit_seed(1004, j, k) for j in range(100) for k in range(2)])
+    assert all(b - a >= epochs for a, b in zip(starts[:-1], starts[1:], strict=True)) and starts[-1] + epochs < 2**63
+    assert unit_seed(1004, 3, 1) == unit_seed(1004, 3, 1) != unit_seed(1005, 3, 1)  # reproducible, from --seed
+
+
 # ---- evaluate_lds.py, tiny ----
 
 
