@@ -2,9 +2,9 @@
 
 Not run directly; example/training.py (the loop of train.py and of evaluate_lds.py's retrainings) uses it:
 
-    save_training_state(path, model, optimizer, progress, loss=...)   # progress: JSON (epoch, step...)
+    save_training_state(path, model, optimizer, progress, epoch_loss=...)   # progress: JSON (epoch, step...)
     saved = store.resume(path, "training", use)  # the engine reads it back (influence.Store.resume)...
-    not_a_training_state(tensors, progress)      # ...where use() asks this: why it cannot be used, or None
+    not_a_training_state(tensors, progress, model, ...)   # ...where use() asks this: why not usable, or None
     restore_training_state(saved, model, optimizer)
 
 It holds the weights and buffers, the optimiser's momentum velocities and step count (which sets the schedule's
@@ -41,13 +41,38 @@ def save_training_state(
     save_partial(path, tensors, {**progress, "run": {"optimizer_steps": steps}}, folder="--checkpoint_dir")
 
 
-def not_a_training_state(tensors: dict[str, torch.Tensor], progress: dict[str, Any]) -> str | None:
-    """Why a partial result read back (tensors, progress) is not a training state, or None when it is one."""
+def not_a_training_state(
+    tensors: dict[str, torch.Tensor],
+    progress: dict[str, Any],
+    model: nn.Module,
+    extra: tuple[str, ...] = (),
+    positions: tuple[str, ...] = (),
+) -> str | None:
+    """Why a partial result read back (tensors, progress) is not a training state of `model`'s architecture
+    holding the `extra` tensors and the `positions` in its progress, or None when it is one: checked before any
+    of it is restored, so that a state that cannot be used is discarded, not half restored."""
     run = progress.get("run")
     if not isinstance(run, dict) or not any(name.startswith("model/") for name in tensors):
         return "it is not a training state"
     if not isinstance(run.get("optimizer_steps"), int):
         return "it was saved by another version of the training loop"
+    weights = {f"model/{name}": value.shape for name, value in model.state_dict().items()}
+    if {name: t.shape for name, t in tensors.items() if name.startswith("model/")} != weights:
+        return "it holds the weights of another model"
+    shapes = [parameter.shape for parameter in model.parameters()]
+    for name, velocity in tensors.items():
+        index = name.removeprefix("optimizer/")
+        if name.startswith("optimizer/") and not (index.isdigit() and int(index) < len(shapes)):
+            return "its optimiser state is not this model's"
+        if name.startswith("optimizer/") and velocity.shape != shapes[int(index)]:
+            return "its optimiser state is not this model's"
+    rng = tensors.get("rng/cpu")
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        return "its random-number state is missing or damaged"
+    missing = [f"extra/{name}" for name in extra if f"extra/{name}" not in tensors]
+    missing += [name for name in positions if not isinstance(progress.get(name), (int, float))]
+    if missing:
+        return f"it lacks {missing[0]} (saved by another version of the training loop)"
     return None
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -189,7 +190,9 @@ def train_model(
         "steps_per_epoch": steps,
     }
     store = Store(state_path.parent, group, say)
-    saved = store.resume(state_path, "training", usable, arguments=run_arguments, again="training from the start")
+    saved = store.resume(
+        state_path, "training", usable(model), arguments=run_arguments, again="training from the start"
+    )
     start_epoch, start_step, elapsed = 0, 0, 0.0
     resumed_loss = resumed_count = None
     if saved is not None:
@@ -269,9 +272,15 @@ def train_model(
     return model, time.time() - start
 
 
-def usable(tensors: dict[str, torch.Tensor], progress: dict) -> tuple | str:
-    """A training state read back, as it is, or why it is not one (for Store.resume)."""
-    return not_a_training_state(tensors, progress) or (tensors, progress)
+def usable(model: nn.Module) -> Callable[[dict[str, torch.Tensor], dict], tuple | str]:
+    """For Store.resume: a training state of `model` read back, as it is, or why it cannot be used."""
+
+    def use(tensors: dict[str, torch.Tensor], progress: dict) -> tuple | str:
+        positions = ("epoch", "step", "elapsed", "epoch_examples")
+        why = not_a_training_state(tensors, progress, model, extra=("epoch_loss",), positions=positions)
+        return why or (tensors, progress)
+
+    return use
 
 
 def position(epoch: int, step: int, epochs: int, steps: int) -> str:

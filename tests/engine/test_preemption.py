@@ -147,6 +147,29 @@ def test_train_resumes_after_sigterm_mid_epoch_with_the_same_weights(trained, tm
     assert_equal_files(checkpoints / "model.safetensors", trained["checkpoints"] / "model.safetensors")
 
 
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda t: t.pop("extra/epoch_loss"), "it lacks extra/epoch_loss"),
+        (lambda t: t.update({"model/0.0.weight": torch.zeros(1)}), "it holds the weights of another model"),
+        (lambda t: t.update({"rng/cpu": t["rng/cpu"][:100]}), "its random-number state is missing or damaged"),
+    ],
+)
+def test_an_unusable_training_state_is_discarded_not_half_restored(trained, tmp_path, monkeypatch, damage, why):
+    checkpoints = tmp_path / "checkpoints"
+    args = ["--dataset_dir", trained["data"], "--checkpoint_dir", str(checkpoints), *TRAIN_OPTIONS]
+    args += ["--num_train_epochs", "2"]
+    state = checkpoints / "model.partial.safetensors"
+    with signal_at(monkeypatch, 3):
+        run("train.py", *args, expect=143)
+    tensors, progress = influence.storage.load_partial(state, "cpu")
+    damage(tensors)
+    influence.storage.save_partial(state, tensors, progress)
+    started_over = run("train.py", *args)
+    assert f"discarding {state} ({why}" in started_over.stdout, started_over.stdout
+    assert_equal_files(checkpoints / "model.safetensors", trained["checkpoints"] / "model.safetensors")
+
+
 def analyze_args(trained, results: Path, strategy: str = "diagonal") -> list[str]:
     return [
         "--dataset_dir", trained["data"], "--checkpoint_dir", str(trained["checkpoints"]), "--output_dir",
