@@ -102,7 +102,10 @@ def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
             # "bytes": the official (Python 2) pickles' strings stay bytes, so their keys are b"data", b"labels".
             entry = ArraysOnlyUnpickler(f, encoding="bytes", allowed=CIFAR_PICKLE).load()
     except FileNotFoundError as e:
-        raise PipelineError(f"missing {path}; to make the data: {MAKE_DATA_HINT}") from e
+        raise PipelineError(
+            f"missing {path}: delete {path.parent} to have it downloaded again (with internet), or copy the "
+            f"complete {BATCHES_FOLDER}/ into the dataset dir"
+        ) from e
     except RefusedPickle as e:
         raise PipelineError(f"cannot read CIFAR-10 batch {path}: {e}") from None
     except Exception as e:  # truncated file, not a pickle
@@ -139,18 +142,25 @@ def load_cifar10_arrays(dataset_dir: str | Path, train: bool) -> tuple[torch.Ten
     """uint8 images [N, 3, 32, 32] and int64 labels [N] from {dataset_dir}/cifar-10-batches-py, read as they are.
 
     There is deliberately no md5 check: offline copies (JPEG-derived) differ slightly from the official bytes.
-    Only when the folder is missing do we ask torchvision to download it.
+    Only when the folder is missing do we ask torchvision to download it, one process at a time (a lock file in
+    the dataset dir): the processes of a torchrun job would otherwise download and unpack into it all at once.
     """
     folder = Path(dataset_dir) / BATCHES_FOLDER
     if not folder.is_dir():
-        try:
-            import torchvision
+        import fcntl
 
-            torchvision.datasets.CIFAR10(root=str(dataset_dir), train=train, download=True)
-        except Exception as e:
-            raise PipelineError(
-                f"no CIFAR-10 at {folder} and the download failed ({type(e).__name__}); {MAKE_DATA_HINT}"
-            ) from e
+        Path(dataset_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(dataset_dir) / ".download.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not folder.is_dir():  # not unpacked by another process while this one waited
+                try:
+                    import torchvision
+
+                    torchvision.datasets.CIFAR10(root=str(dataset_dir), train=train, download=True)
+                except Exception as e:
+                    raise PipelineError(
+                        f"no CIFAR-10 at {folder} and the download failed ({type(e).__name__}); {MAKE_DATA_HINT}"
+                    ) from e
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     parts = [_unpickle_batch(folder / name) for name in names]
     images = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)

@@ -6,6 +6,7 @@ python -m pytest tests/example/test_pipeline.py -q
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from pipeline import (
     load_noisy_labels,
     random_crop_flip,
 )
-from tests.helpers import REPO_ROOT, run
+from tests.helpers import REPO_ROOT, run, write_fake_cifar10
 
 REAL_DATA = REPO_ROOT / "data"  # the real CIFAR-10 where a user put it (the scripts' default --dataset_dir)
 
@@ -242,6 +243,30 @@ def test_missing_data_offline_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ")
     assert "copy cifar-10-batches-py/ into the dataset dir" in err
+
+
+def test_processes_download_one_at_a_time_and_a_missing_file_says_what_to_do(tmp_path, monkeypatch):
+    import threading
+
+    import torchvision
+
+    downloads = []
+
+    def download(root, train, download):  # slow enough for the other thread to arrive while it runs
+        downloads.append(root)
+        time.sleep(0.3)
+        write_fake_cifar10(root)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", download)
+    threads = [threading.Thread(target=pipeline.load_cifar10_arrays, args=(tmp_path, True)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(downloads) == 1 and len(pipeline.load_cifar10_arrays(tmp_path, True)[1]) == 200
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()  # an unpacking cut short
+    with pytest.raises(PipelineError, match=r"data_batch_3: delete .*cifar-10-batches-py to have it downloaded"):
+        pipeline.load_cifar10_arrays(tmp_path, True)
 
 
 # ---- Model and checkpoints ----
