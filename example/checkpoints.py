@@ -14,6 +14,7 @@ from torch import nn
 from example.devices import get_device, place_model
 from example.errors import PipelineError
 from influence import safetensors_size, write_atomically
+from influence.errors import first_line
 from pipeline import check_label_options, construct_resnet9
 
 
@@ -51,7 +52,9 @@ def load_model(
     try:  # read on the CPU: the model is built there, and a GPU out of memory is not an unreadable file
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
-        raise PipelineError(f"cannot read checkpoint {path}: {_not_safetensors(path, command) or e}") from e
+        damaged = f"{first_line(e)}; it is damaged or cut short: retrain it ({command})"
+        reason = _not_safetensors(path, command) or damaged
+        raise PipelineError(f"cannot read checkpoint {path}: {reason}") from e
     model = construct_resnet9()
     check_state(state, model.state_dict(), path, command)
     model.load_state_dict(state)
@@ -70,9 +73,9 @@ def _not_safetensors(path: Path, command: str) -> str | None:
         kind = "a zip archive, as torch.save writes"
     elif len(start) > 1 and start[0] == 0x80 and 2 <= start[1] <= 5:
         kind = "a pickle, as torch.save (legacy format) or pickle.dump write"
-    elif len(start) < 9 or start[8:9] != b"{":
+    elif len(start) >= 9 and start[8:9] != b"{":
         kind = "something else"
-    else:
+    else:  # a safetensors file, or too short to tell: damaged or cut short
         return None
     # convert_checkpoint.py reads with torch.load(weights_only=True) and writes atomically, so in place is safe.
     return (

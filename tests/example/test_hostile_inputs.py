@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from example.checkpoints import load_model
+from example.checkpoints import load_model, save_model
 from example.errors import PipelineError
 from example.label_files import ArraysOnlyUnpickler
 from example.task import ClassificationTask
@@ -180,6 +180,16 @@ def test_a_torch_save_file_named_safetensors_says_what_it_is(tmp_path, legacy):
         load_model(path, "cpu")
     with pytest.raises(PipelineError, match=f"convert it in place \\(python convert_checkpoint.py {path} {path}\\)"):
         load_model(path, "cpu")
+
+
+@pytest.mark.parametrize("kept", [5, 40])  # shorter than the header's length field; inside the header
+def test_a_checkpoint_cut_short_says_to_retrain_it(tmp_path, kept):
+    path = tmp_path / "model.safetensors"
+    save_model(construct_resnet9(), path)
+    path.write_bytes(path.read_bytes()[:kept])
+    with pytest.raises(PipelineError, match=r"it is damaged or cut short: retrain it \(python train.py") as error:
+        load_model(path, "cpu")
+    assert "\n" not in str(error.value)
 
 
 def test_sampled_labels_of_nan_logits_do_not_crash():
