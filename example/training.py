@@ -155,6 +155,8 @@ def train_model(
     say = (lambda message: tqdm.write(message)) if verbose and group.is_main else (lambda message: None)
     if args.train_batch_size < world:
         raise PipelineError(f"--train_batch_size {args.train_batch_size} is smaller than the {world} processes")
+    if len(data) < world:
+        raise PipelineError(f"{len(data)} training images cannot be split across {world} processes: train on more")
 
     # Every rank shuffles the same way and takes its slice of each step's batch; a last batch too small to give
     # every rank an example is dropped.
