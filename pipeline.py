@@ -90,7 +90,7 @@ def construct_resnet9() -> nn.Module:
 # ---- Data: files ----
 
 
-CIFAR_PICKLE = "only arrays, lists, dicts, strings and numbers are read"
+CIFAR_PICKLE_TYPES = "only arrays, lists, dicts, strings and numbers are read"
 
 
 def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +100,7 @@ def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             # "bytes": the official (Python 2) pickles' strings stay bytes, so their keys are b"data", b"labels".
-            entry = ArraysOnlyUnpickler(f, encoding="bytes", allowed=CIFAR_PICKLE).load()
+            entry = ArraysOnlyUnpickler(f, encoding="bytes", allowed=CIFAR_PICKLE_TYPES).load()
     except FileNotFoundError as e:
         raise PipelineError(
             f"missing {path}: delete {path.parent} to have it downloaded again (with internet), or copy the "

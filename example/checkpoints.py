@@ -37,16 +37,15 @@ def save_model(model: nn.Module, path: str | Path) -> None:
     write_atomically(path, lambda tmp: save_file(state, str(tmp)), safetensors_size(state), "--checkpoint_dir")
 
 
-def load_model(
-    path: str | Path, device: torch.device | str | None = None, train_command: str | None = None
-) -> nn.Module:
+def load_model(path: str | Path, device: torch.device | str | None = None, remake: str | None = None) -> nn.Module:
     """A ResNet-9 with the checkpoint's weights, on `device`, in eval mode.
 
-    `train_command` is the train.py command that writes this checkpoint, shown when it is missing or unusable.
+    `remake` is the train.py command that writes this checkpoint (train_command), shown when it is missing or
+    unusable.
     """
     path = Path(path)
     device = torch.device(device) if device is not None else get_device()
-    command = train_command or f"python train.py --checkpoint_dir {path.parent}"
+    command = remake or f"python train.py --checkpoint_dir {path.parent}"
     if not path.is_file():
         raise PipelineError(f"no checkpoint at {path}: run train.py first: {command}")
     try:  # read on the CPU: the model is built there, and a GPU out of memory is not an unreadable file
