@@ -286,7 +286,7 @@ def get_cifar10(
     """A split ("train", "eval_train": training images; "valid": test images) on the device.
 
     For the train splits, the first `num_train` examples are kept, and only then are labels changed:
-    either corrupted (first ceil(p * num_train)) or replaced by human noisy labels from an .npz.
+    either corrupted (first ceil(p * num_train)) or replaced by human noisy labels (an .npz, or CIFAR-10N's .pt).
     "train" and "eval_train" hold the same data; augmentation is TensorBatches' business.
     """
     if split not in SPLITS:

@@ -37,6 +37,7 @@ import signal
 signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+import dataclasses
 import time
 
 from tqdm import tqdm
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
         device=device,
     )
     train_data = get_cifar10(args.dataset_dir, "train", **common)
-    eval_train_data = get_cifar10(args.dataset_dir, "eval_train", **common)
+    eval_train_data = dataclasses.replace(train_data, split="eval_train")  # the same images and labels, read once
     valid_data = get_cifar10(args.dataset_dir, "valid", device=device).subset(args.num_test, "--num_test")
     num_changed = int(train_data.changed.sum())
     where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
