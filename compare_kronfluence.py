@@ -75,11 +75,11 @@ from influence import (
     FactorArguments,
     ScoreArguments,
     batch_seed,
+    first_line,
     load_tensors,
     save_tensors,
     seeded_rngs,
 )
-from influence.errors import first_line
 from pipeline import CifarData, TensorBatches, construct_resnet9, get_cifar10, normalize
 
 KRONFLUENCE_VERSION = "1.0.1"

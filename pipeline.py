@@ -23,7 +23,7 @@ from torch import nn
 from example.devices import get_device
 from example.errors import PipelineError
 from example.label_files import ArraysOnlyUnpickler, LabelFileError, RefusedPickle, read_label_arrays
-from influence.errors import first_line
+from influence import first_line
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.247, 0.243, 0.261)

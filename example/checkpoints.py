@@ -13,8 +13,7 @@ from torch import nn
 
 from example.devices import get_device, place_model
 from example.errors import PipelineError
-from influence import safetensors_size, write_atomically
-from influence.errors import first_line
+from influence import first_line, safetensors_size, write_atomically
 from pipeline import check_label_options, construct_resnet9
 
 

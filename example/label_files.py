@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.errors import first_line
+from influence import first_line
 
 
 class LabelFileError(ValueError):

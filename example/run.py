@@ -25,13 +25,13 @@ from example.hardware import emulated_bf16_note, keep_freed_memory
 from influence import (
     InfluenceError,
     Interrupted,
+    first_line,
     forget_groups,
     handling,
     publish_failure,
     remember_store,
     this_rank,
 )
-from influence.errors import first_line
 
 # ---- Errors and arguments ----
 

@@ -18,7 +18,7 @@ from influence.distributed import (
     this_rank,
     world_size,
 )
-from influence.errors import InfluenceError
+from influence.errors import InfluenceError, first_line
 from influence.interrupt import Interrupted, handling
 from influence.passes import Saver
 from influence.profiler import synchronize
@@ -62,6 +62,7 @@ __all__ = [
     "DEFAULT_SAVE_INTERVAL",
     "Task",
     "InfluenceError",
+    "first_line",
     "batch_seed",
     "seeded_rngs",
     # strategies
