@@ -11,6 +11,8 @@ example/task.py, example/devices.py).
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: downloads are then not serialised (each is renamed into place whole)
+    fcntl = None
 
 from example.devices import get_device
 from example.errors import PipelineError
@@ -138,29 +145,40 @@ def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.astype(np.uint8, copy=False), labels.astype(np.int64, copy=False)
 
 
+def download_cifar10(dataset_dir: Path) -> None:
+    """torchvision's download of CIFAR-10, unpacked beside the dataset dir's folder and renamed into place whole,
+    so that another process never reads it half unpacked; one process at a time where the OS has file locks (the
+    processes of a torchrun job would otherwise each download it)."""
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    with open(dataset_dir / ".download.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if (dataset_dir / BATCHES_FOLDER).is_dir():  # unpacked by another process while this one waited
+            return
+        import torchvision
+
+        unpacked = dataset_dir / f".download{os.getpid()}"
+        try:
+            torchvision.datasets.CIFAR10(root=str(unpacked), train=True, download=True)
+            os.replace(unpacked / BATCHES_FOLDER, dataset_dir / BATCHES_FOLDER)
+        finally:
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+
 def load_cifar10_arrays(dataset_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [N, 3, 32, 32] and int64 labels [N] from {dataset_dir}/cifar-10-batches-py, read as they are.
 
     There is deliberately no md5 check: offline copies (JPEG-derived) differ slightly from the official bytes.
-    Only when the folder is missing do we ask torchvision to download it, one process at a time (a lock file in
-    the dataset dir): the processes of a torchrun job would otherwise download and unpack into it all at once.
+    Only when the folder is missing do we ask torchvision to download it (download_cifar10).
     """
     folder = Path(dataset_dir) / BATCHES_FOLDER
     if not folder.is_dir():
-        import fcntl
-
-        Path(dataset_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(dataset_dir) / ".download.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            if not folder.is_dir():  # not unpacked by another process while this one waited
-                try:
-                    import torchvision
-
-                    torchvision.datasets.CIFAR10(root=str(dataset_dir), train=train, download=True)
-                except Exception as e:
-                    raise PipelineError(
-                        f"no CIFAR-10 at {folder} and the download failed ({type(e).__name__}); {MAKE_DATA_HINT}"
-                    ) from e
+        try:
+            download_cifar10(Path(dataset_dir))
+        except Exception as e:
+            raise PipelineError(
+                f"no CIFAR-10 at {folder} and the download failed ({first_line(e, typed=True)}); {MAKE_DATA_HINT}"
+            ) from e
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     parts = [_unpickle_batch(folder / name) for name in names]
     images = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)

@@ -258,12 +258,17 @@ def test_processes_download_one_at_a_time_and_a_missing_file_says_what_to_do(tmp
         write_fake_cifar10(root)
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", download)
-    threads = [threading.Thread(target=pipeline.load_cifar10_arrays, args=(tmp_path, True)) for _ in range(2)]
+    read = []
+    threads = [
+        threading.Thread(target=lambda: read.append(len(pipeline.load_cifar10_arrays(tmp_path, True)[1])))
+        for _ in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert len(downloads) == 1 and len(pipeline.load_cifar10_arrays(tmp_path, True)[1]) == 200
+    assert len(downloads) == 1 and read == [200, 200]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".download.lock", "cifar-10-batches-py"]  # renamed whole
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()  # an unpacking cut short
     with pytest.raises(PipelineError, match=r"data_batch_3: delete .*cifar-10-batches-py to have it downloaded"):
         pipeline.load_cifar10_arrays(tmp_path, True)
