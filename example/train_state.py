@@ -49,8 +49,8 @@ def not_a_training_state(
     positions: tuple[str, ...] = (),
 ) -> str | None:
     """Why a partial result read back (tensors, progress) is not a training state of `model`'s architecture
-    holding the `extra` tensors and the `positions` in its progress, or None when it is one: checked before any
-    of it is restored, so that a state that cannot be used is discarded, not half restored."""
+    holding the `extra` tensors (scalars) and the `positions` in its progress, or None when it is one: checked
+    before any of it is restored, so that a state that cannot be used is discarded, not half restored."""
     run = progress.get("run")
     if not isinstance(run, dict) or not any(name.startswith("model/") for name in tensors):
         return "it is not a training state"
@@ -59,16 +59,20 @@ def not_a_training_state(
     weights = {f"model/{name}": value.shape for name, value in model.state_dict().items()}
     if {name: t.shape for name, t in tensors.items() if name.startswith("model/")} != weights:
         return "it holds the weights of another model"
-    shapes = [parameter.shape for parameter in model.parameters()]
-    for name, velocity in tensors.items():
-        index = name.removeprefix("optimizer/")
-        if name.startswith("optimizer/") and not (index.isdigit() and int(index) < len(shapes)):
-            return "its optimiser state is not this model's"
-        if name.startswith("optimizer/") and velocity.shape != shapes[int(index)]:
-            return "its optimiser state is not this model's"
+    shapes = {str(index): parameter.shape for index, parameter in enumerate(model.parameters())}
+    velocities = {name[10:]: t.shape for name, t in tensors.items() if name.startswith("optimizer/")}
+    momentum = (progress.get("arguments") or {}).get("momentum", 0)
+    whole = velocities == shapes if momentum and run["optimizer_steps"] else velocities.items() <= shapes.items()
+    if not whole:  # SGD.load_state needs every velocity once a run with momentum has taken a step
+        return "its optimiser state is not this model's"
     rng = tensors.get("rng/cpu")
     if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
         return "its random-number state is missing or damaged"
+    cuda_rng = tensors.get("rng/cuda")
+    if cuda_rng is not None and (cuda_rng.dtype != torch.uint8 or cuda_rng.dim() != 1 or not len(cuda_rng)):
+        return "its random-number state is missing or damaged"
+    if any(f"extra/{name}" in tensors and tensors[f"extra/{name}"].dim() != 0 for name in extra):
+        return "it was saved by another version of the training loop"
     missing = [f"extra/{name}" for name in extra if f"extra/{name}" not in tensors]
     missing += [name for name in positions if not isinstance(progress.get(name), (int, float))]
     if missing:
