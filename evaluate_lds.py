@@ -173,6 +173,11 @@ def masks_for(out: Path, settings: dict, seed: int) -> torch.Tensor:
     if path.exists():
         masks, meta = load(path, "masks")
         difference = first_difference(meta.get("settings", {}), settings)
+        if difference and difference[0] == "unit_seeds":
+            raise PipelineError(
+                f"{out} holds retrainings seeded seed + 1 + j * K + k, whose consecutive seeds share most epochs' "
+                "batches: choose another --output_dir, or delete it to start over"
+            )
         if difference:
             key, old, new = difference
             raise PipelineError(

@@ -20,7 +20,7 @@ from example.errors import PipelineError
 from example.results import data_fingerprint
 from influence import Analyzer, FactorArguments, InfluenceError, ScoreArguments, interrupt
 from influence.precondition import LayerPreconditioner
-from influence.storage import LOCK_NAME, load_tensors
+from influence.storage import LOCK_NAME, load_tensors, read_safetensors, save_tensors
 from pipeline import construct_resnet9, load_cifar10_arrays
 from tests.helpers import last_line, run, write_fake_cifar10
 from tests.reference import TinyTask, batches, make_model
@@ -148,6 +148,12 @@ def test_evaluate_lds_refuses_retrainings_of_other_data(fake_cifar_dir, tmp_path
     other = write_fake_cifar10(tmp_path / "other", seed=1)
     refused = one_line_error(run("evaluate_lds.py", "--dataset_dir", str(other), *args, expect=2))
     assert refused.startswith(f"error: {out} holds retrainings with data_sha256="), refused
+    # Retrainings seeded the consecutive way (their settings say nothing of unit_seeds) are not mixed in.
+    masks, meta = read_safetensors(out / "masks.safetensors")
+    meta["settings"].pop("unit_seeds")
+    save_tensors(out / "masks.safetensors", masks, meta)
+    refused = one_line_error(run("evaluate_lds.py", "--dataset_dir", str(fake_cifar_dir), *args, expect=2))
+    assert "holds retrainings seeded seed + 1 + j * K + k, whose consecutive seeds share" in refused
     # Models whose settings nothing records any more are not mixed in either.
     (out / "masks.safetensors").unlink()
     (out / "units").mkdir()
