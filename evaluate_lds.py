@@ -88,6 +88,7 @@ from influence import (
 from pipeline import CifarData, TensorBatches, get_cifar10
 
 REDO = "delete it to redo it"  # what to do about a file of this script's that cannot be read
+REMAKE_FULL_MODEL = "delete it and run evaluate_lds.py again, which trains it again"  # model_full.safetensors
 
 
 def parse_args(argv=None):
@@ -278,7 +279,7 @@ def damping_name(damping: float | None) -> str:
 
 def compute_scores(args, out: Path, train_eval: CifarData, queries: CifarData, device) -> dict:
     """{(strategy, damping name): scores [Q, N]} of the full model, through the engine (saved and reused)."""
-    model = load_model(unit_path(out, None), device)
+    model = load_model(unit_path(out, None), device, remake=REMAKE_FULL_MODEL)
     analyzer = make_analyzer("lds", model, args, output_dir=out / "influence_results")
     train_batches = TensorBatches(train_eval, influence_batch_size(args, device))
     query_batches = TensorBatches(queries, min(args.query_batch_size, len(queries)))
@@ -454,7 +455,7 @@ def main() -> None:
     scores = compute_scores(args, out, train_eval, queries, device)
     if not is_main():
         return
-    full_model = load_model(unit_path(out, None), device)
+    full_model = load_model(unit_path(out, None), device, remake=REMAKE_FULL_MODEL)
     full = evaluate_model(full_model, TensorBatches(queries, args.eval_batch_size))[1]
     print(f"full model: accuracy {full:.3f} on the queries")
     rows = lds_rows(args, masks, margins, scores)

@@ -50,8 +50,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None, remak
     try:  # read on the CPU: the model is built there, and a GPU out of memory is not an unreadable file
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
-        damaged = f"{first_line(e)}; it is damaged or cut short: retrain it ({command})"
-        reason = _not_safetensors(path, command) or damaged
+        damaged = f"; it is damaged or cut short: retrain it ({command})" if isinstance(e, SafetensorError) else ""
+        reason = _not_safetensors(path, command) or f"{first_line(e)}{damaged}"
         raise PipelineError(f"cannot read checkpoint {path}: {reason}") from e
     model = construct_resnet9()
     check_state(state, model.state_dict(), path, command)
