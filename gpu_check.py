@@ -93,20 +93,27 @@ def steps(args, gpus: int) -> list[tuple[str, list[str]]]:
     return found
 
 
+def stop(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_step(name: str, command: list[str], log_dir: Path, timeout: float) -> float:
     """Run one step, its output to <name>.log (shown when it ends) and <name>.err; returns its seconds."""
     log, err = log_dir / f"{name}.log", log_dir / f"{name}.err"
     print(f"== {name}: {' '.join(command)}", flush=True)
     start = time.monotonic()
     with open(log, "w") as out, open(err, "w") as progress:
-        # A session of its own, so that a step past its time (or the check stopped by Ctrl-C) is stopped with
-        # torchrun's workers, which would otherwise keep their GPUs.
+        # A session of its own, so that a step past its time, or the check stopped (Ctrl-C, SIGTERM, SIGHUP: each
+        # raised here), is stopped with torchrun's workers, which would otherwise keep their GPUs.
         process = subprocess.Popen(command, stdout=out, stderr=progress, start_new_session=True)
+        stops = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             code = None
         finally:
+            for sig, handler in stops.items():
+                signal.signal(sig, handler)
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
@@ -151,7 +158,7 @@ def main() -> None:
     if gpus > 1:
         lines += ["", compare_processes(gpus)]
     lines += ["", "next: python walkthrough.py --scale gpu"]
-    write_atomically(log_dir / "summary.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    write_atomically(log_dir / "summary.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"), folder="--log_dir")
     print("\n".join(lines))
 
 

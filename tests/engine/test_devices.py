@@ -7,6 +7,7 @@ tests/gpu/test_gpu.py runs the same paths on a GPU where there is one.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -345,17 +346,31 @@ def test_the_gpu_check_plan():
     assert all(not part.startswith("..") for _, command in several for part in command)  # inside the repository
 
 
-def test_a_gpu_check_step_past_its_time_is_stopped_with_its_workers(tmp_path):
-    import gpu_check
-
+@pytest.mark.parametrize("stopped_by", ["its time", "SIGTERM"])
+def test_a_gpu_check_step_is_stopped_with_its_workers(tmp_path, stopped_by):
     worker = tmp_path / "worker.pid"  # a step that starts a worker of its own, as torchrun does, and outlives 1 s
     script = (
         "import subprocess, sys, time; "
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
         f"open({str(worker)!r}, 'w').write(str(p.pid)); time.sleep(60)"
     )
-    with pytest.raises(PipelineError, match="step slow ran past 1 s"):
-        gpu_check.run_step("slow", [sys.executable, "-c", script], tmp_path, timeout=1)
+    timeout = 1 if stopped_by == "its time" else 60
+    check = (
+        "import sys, pathlib, gpu_check; "
+        f"gpu_check.run_step('slow', [sys.executable, '-c', {script!r}], pathlib.Path({str(tmp_path)!r}), {timeout})"
+    )
+    process = subprocess.Popen([sys.executable, "-c", check], cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    if stopped_by == "SIGTERM":
+        for _ in range(100):
+            if worker.exists() and worker.read_text():
+                break
+            time.sleep(0.1)
+        process.terminate()
+    _, stderr = process.communicate(timeout=60)
+    if stopped_by == "SIGTERM":
+        assert process.returncode == 128 + signal.SIGTERM, stderr
+    else:
+        assert process.returncode == 1 and "step slow ran past 1 s" in stderr, stderr
     stat = Path(f"/proc/{worker.read_text()}/stat")
     for _ in range(50):  # killed: gone, or a zombie where nothing reaps the orphans (a container without init)
         try:
