@@ -59,11 +59,12 @@ from influence import STRATEGIES, write_atomically
 
 # The CPU walk-through's bf16 check: 200 training images, 20 queries
 HALF_CHECK = ["--num_train", "200", "--num_queries", "20", "--query_batch_size", "20"]
+# The benchmark at the original job's size (the gpu scale)
 FULL_BENCH = ["--num_train", "50000", "--num_queries", "2000", "--query_batch_size", "1000"]
 # Training recipes: the original optimiser and schedule (SGD, learning rate 0.4 reached linearly at 20% of the
 # steps then decayed linearly to 0, weight decay 1e-3, crops and flips); the CPU recipe takes a subset small enough
 # to train in minutes and enough steps (small batches) for the model to fit its own labels, wrong ones included.
-# Every step gets --dataset_dir; the benchmark is sized here.
+# Every step gets --dataset_dir.
 SCALES = {
     "demo": {
         "train": ["--num_train", "500", "--train_batch_size", "32", "--num_train_epochs", "8", "--num_test", "1000"],

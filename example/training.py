@@ -16,9 +16,8 @@ the gradients are those of the whole batch's mean loss; BatchNorm normalises eac
 statistics (DistributedDataParallel without SyncBatchNorm), so G processes train a slightly different model.
 The training state (example/train_state.py) is saved every --save_interval seconds, at a stop, and when the last
 epoch ends; a run with the same recipe resumes from it to the weights an uninterrupted run makes (bit for bit on
-the CPU). When to save and stop, and how a saved state is read
-back (discarded when unusable, refused when another recipe made it), are the engine's, as for its passes
-(influence.Saver, influence.Store.resume).
+the CPU). When to save and stop, and how a saved state is read back (discarded when unusable, refused when another
+recipe made it), are the engine's, as for its passes (influence.Saver, influence.Store.resume).
 """
 
 from __future__ import annotations
