@@ -234,12 +234,9 @@ def train_model(
                         loss = F.cross_entropy(trained(x), y)
                         summed = loss.detach() * len(y)
                     else:
-                        # The mean over the step's whole batch: DDP averages the ranks' gradients, so each rank's
-                        # sum is scaled by world / batch (the slices of a batch that world does not divide differ
-                        # in size, and the mean of their means would weigh their examples unequally).
                         whole = min(args.train_batch_size, len(data) - step * args.train_batch_size)
                         summed = F.cross_entropy(trained(x), y, reduction="sum")
-                        loss = summed * (world / whole)
+                        loss = slice_loss(summed, world, whole)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -271,6 +268,13 @@ def train_model(
         if start_epoch < epochs:
             state.save()
     return model, time.time() - start
+
+
+def slice_loss(summed: torch.Tensor, world: int, whole: int) -> torch.Tensor:
+    """A rank's loss from the summed loss of its slice of a step's batch of `whole` examples, such that the mean of
+    the ranks' gradients (what DDP takes) is the gradient of the whole batch's mean loss: the slices of a batch
+    that `world` does not divide differ in size, and the mean of their means would weigh their examples unequally."""
+    return summed * (world / whole)
 
 
 def usable(model: nn.Module) -> Callable[[dict[str, torch.Tensor], dict], tuple | str]:

@@ -279,6 +279,32 @@ def test_unreadable_result_files_are_one_line_errors(workspace, tmp_path):
     assert not (scores.parent / "pairwise_scores.partial.safetensors").exists()
 
 
+def test_the_ranks_gradients_average_to_the_whole_batchs_mean():
+    # DDP averages the ranks' gradients; slices of 3, 3 and 2 of a batch of 8 must not weigh their examples unequally.
+    from example.training import slice_loss
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 4).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 4, (8,))
+
+    def gradient(loss):
+        layer.zero_grad()
+        loss.backward()
+        return layer.weight.grad.clone()
+
+    whole = gradient(torch.nn.functional.cross_entropy(layer(x), y))
+    world = 3
+    summed = [torch.nn.functional.cross_entropy(layer(x[r::world]), y[r::world], reduction="sum") for r in range(3)]
+    slices = [gradient(slice_loss(loss, world, 8)) for loss in summed]
+    assert torch.allclose(sum(slices) / world, whole, rtol=1e-12, atol=1e-15)
+
+
+def test_fewer_training_images_than_processes_is_one_line(fake_cifar_dir, tmp_path):
+    args = ["--dataset_dir", str(fake_cifar_dir), "--checkpoint_dir", str(tmp_path), "--num_train", "1"]
+    result = run_ranks("train.py", *args, "--num_train_epochs", "1", expect=2)
+    assert "1 training images cannot be split across 2 processes" in result.stderr, result.stderr
+
+
 def test_torchrun_train_and_detect_on_cpu_processes(workspace, fake_cifar_dir, tmp_path):
     """Two CPU processes (gloo), whatever GPUs the machine has; tests/gpu/test_gpu.py runs them on GPUs (nccl).
     Training is started by torchrun itself (its agent hosts the rendezvous), detection as torchrun starts its
