@@ -63,9 +63,10 @@ def device_description(device: torch.device) -> str:
 
 
 def bf16_hardware_note() -> str:
-    """What bf16 costs on this machine, for the help of --use_half_precision."""
+    """What bf16 costs on this machine, for the help of --use_half_precision. Not the GPU's own answer: asking
+    starts CUDA on GPU 0 while the flags are read, before torchrun's processes pick their GPUs."""
     if torch.cuda.is_available():
-        return "this machine's GPU: " + ("bf16 units" if torch.cuda.is_bf16_supported() else "no bf16 units")
+        return "GPUs have bf16 units from compute capability 8.0 (A100) on"
     units = cpu_bf16_units()
     return f"this CPU has {units} units" if units else f"this CPU has no bf16 units: {EMULATED_BF16}"
 
