@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from example.checkpoints import checkpoint_path, load_model, train_command
 from example.errors import PipelineError
@@ -141,7 +142,9 @@ def degenerate(scores: np.ndarray) -> str | None:
 
 @torch.no_grad()
 def per_example_loss(model: torch.nn.Module, batches: TensorBatches) -> torch.Tensor:
-    return torch.cat([F.cross_entropy(model(x), y, reduction="none").float().cpu() for x, y in batches])
+    # A forward pass over the whole training set: minutes on a CPU at full size, so it shows its progress.
+    progress = tqdm(batches, desc="Training loss", total=len(batches), leave=False)
+    return torch.cat([F.cross_entropy(model(x), y, reduction="none").float().cpu() for x, y in progress])
 
 
 # ---- Figures ----
